@@ -1,0 +1,3 @@
+from moram_cli.cli import main
+
+main()
