@@ -1,0 +1,1 @@
+"""Reading JSONL examples, tokenising them for causal LMs, and batching them."""

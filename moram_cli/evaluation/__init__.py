@@ -1,0 +1,1 @@
+"""Measuring a store: accuracy by ranked choice or by exact match of generation."""

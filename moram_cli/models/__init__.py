@@ -1,0 +1,1 @@
+"""Base models: resolving a `--base-model` reference, fingerprinting it, loading it (with a GGUF cache)."""

@@ -1,0 +1,106 @@
+"""One bank: the rank-1 experts one task added, as safetensors plus YAML metadata."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moram_cli.errors import MoramError
+from moram_cli.models.fingerprint import sha256_file
+from moram_cli.store.yamlio import read_yaml, write_yaml
+
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "bank.yaml"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_task_name(name: str) -> str:
+    """Task names become directory names: refuse anything that could escape or confuse the store."""
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise MoramError(
+            f"invalid task name {name[:40]!r}; use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Bank:
+    """A bank directory `banks/<NNN>-<name>/` of a store."""
+
+    path: Path
+
+    @property
+    def index(self) -> int:
+        return int(self.path.name.split("-", 1)[0])
+
+    @property
+    def name(self) -> str:
+        return self.path.name.split("-", 1)[1]
+
+    def metadata(self) -> dict:
+        return read_yaml(self.path / META_FILE, "bank metadata")
+
+    def tensors(self, verify: bool = True) -> BankTensors:
+        """Module name -> (A, B), checked against the recorded weights hash."""
+        weights = self.path / WEIGHTS_FILE
+        if verify:
+            recorded = self.metadata().get("weights_sha256")
+            if not weights.is_file() or sha256_file(weights) != recorded:
+                raise MoramError(f"{self.path}: bank weights are missing or corrupt (sha256 mismatch); restore the bank from a backup or remove it")
+        try:
+            flat = load_file(weights)
+        except (SafetensorError, OSError) as exc:
+            raise MoramError(f"{self.path}: bank weights cannot be read ({exc}); restore the bank from a backup") from None
+        return unflatten(flat, self.path)
+
+
+def stack_banks(per_bank: list[BankTensors]) -> BankTensors:
+    """Module name -> (A, B) of several banks stacked along the rank axis, oldest first."""
+    if not per_bank:
+        return {}
+    return {
+        module: (torch.cat([t[module][0] for t in per_bank]), torch.cat([t[module][1] for t in per_bank], dim=1))
+        for module in per_bank[0]
+    }
+
+
+def flatten(tensors: BankTensors) -> dict[str, torch.Tensor]:
+    """Keys `<module>.A` (the keys of the memory) and `<module>.B` (its values)."""
+    flat = {}
+    for module, (A, B) in tensors.items():
+        flat[f"{module}.A"] = A.contiguous()
+        flat[f"{module}.B"] = B.contiguous()
+    return flat
+
+
+def unflatten(flat: dict[str, torch.Tensor], where: Path) -> BankTensors:
+    modules = sorted({key.rsplit(".", 1)[0] for key in flat})
+    try:
+        return {m: (flat[f"{m}.A"], flat[f"{m}.B"]) for m in modules}
+    except KeyError as exc:
+        raise MoramError(f"{where}: bank is missing tensor {exc.args[0]}; restore the bank from a backup") from None
+
+
+def write_bank(directory: Path, tensors: BankTensors, metadata: dict) -> None:
+    """Write a bank's files into `directory` (a staging directory: the store renames it into place)."""
+    directory.mkdir(parents=True)
+    weights = directory / WEIGHTS_FILE
+    save_file(flatten(tensors), str(weights))
+    _fsync(weights)
+    write_yaml(directory / META_FILE, {**metadata, "weights_sha256": sha256_file(weights)})
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,86 @@
+"""`store.yaml`: what a store was built on and how it learns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from moram_cli.errors import MoramError
+from moram_cli.models.reference import BaseModelRef
+from moram_cli.store.yamlio import read_yaml, write_yaml
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "store.yaml"
+
+
+@dataclass
+class AdapterSettings:
+    """The MoRAM hyper-parameters, fixed for the life of a store."""
+
+    r: int = 8
+    k: int = 4
+    temperature: float = 0.03
+    threshold: float = 0.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj"])
+
+
+@dataclass
+class TrainingSettings:
+    """Defaults for `learn-task`; each can be overridden by a flag on the command."""
+
+    epochs: float = 1.0
+    lr: float = 2e-3
+    batch_size: int = 8
+    max_length: int = 512
+    seed: int = 0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StoreConfig:
+    base_model: BaseModelRef
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    method: str = "moram"
+    dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+    tool_version: str = ""
+    created: str = ""
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["base_model"] = self.base_model.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path) -> "StoreConfig":
+        try:
+            return cls(
+                base_model=BaseModelRef.from_dict(data["base_model"]),
+                adapter=_settings(AdapterSettings, data.get("adapter", {})),
+                training=_settings(TrainingSettings, data.get("training", {})),
+                **{k: data[k] for k in ("method", "dtype", "format_version", "tool_version", "created") if k in data},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MoramError(f"{where}: store config is corrupt (bad or missing {exc}); restore it from a backup") from None
+
+    def save(self, store_dir: Path) -> None:
+        write_yaml(store_dir / CONFIG_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, store_dir: Path) -> "StoreConfig":
+        path = store_dir / CONFIG_FILE
+        data = read_yaml(path, "store config")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise MoramError(f"{path}: store format version {version} is newer than this moram understands ({FORMAT_VERSION}); upgrade moram")
+        return cls.from_dict(data, path)
+
+
+def _settings(kind, values: dict):
+    known = {f.name for f in fields(kind)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown setting {sorted(unknown)[0]!r}")
+    return kind(**values)

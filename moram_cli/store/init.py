@@ -1,0 +1,58 @@
+"""`init_store`: create an empty store for a base model, from defaults, a recipe and overrides."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from moram_cli import __version__
+from moram_cli.errors import MoramError
+from moram_cli.models.loading import DTYPES
+from moram_cli.models.reference import resolve_base_model
+from moram_cli.store.config import AdapterSettings, StoreConfig, TrainingSettings, _settings
+from moram_cli.store.store import MemoryStore
+from moram_cli.store.yamlio import read_yaml
+
+
+def init_store(store_path: Path, base_model: str | None = None, recipe: Path | None = None, dtype: str | None = None, **overrides) -> dict:
+    """Create the store at `store_path`; returns its config as a dict.
+
+    Settings come from the built-in defaults, then the `recipe` YAML
+    (sections `adapter:` and `training:`), then `overrides` (any
+    AdapterSettings or TrainingSettings field; None keeps the value).
+    """
+    if store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
+        raise MoramError(f"{store_path}: already exists and is not empty; choose a new store directory or remove it first")
+    adapter, training = _recipe_settings(recipe)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {f.name for f in fields(AdapterSettings)} - {f.name for f in fields(TrainingSettings)}
+    if unknown:
+        raise TypeError(f"unknown setting(s) {sorted(unknown)}")
+    adapter = replace(adapter, **{k: v for k, v in given.items() if k in adapter.__dataclass_fields__})
+    training = replace(training, **{k: v for k, v in given.items() if k in training.__dataclass_fields__})
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise MoramError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    _check_adapter(adapter)
+    config = StoreConfig(
+        base_model=resolve_base_model(base_model), adapter=adapter, training=training, dtype=dtype,
+        tool_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    MemoryStore.create(store_path, config)
+    return {"store": str(store_path), **config.to_dict()}
+
+
+def _recipe_settings(recipe: Path | None) -> tuple[AdapterSettings, TrainingSettings]:
+    if recipe is None:
+        return AdapterSettings(), TrainingSettings()
+    data = read_yaml(recipe, "recipe", "check the --recipe path and its YAML")
+    try:
+        return _settings(AdapterSettings, data.get("adapter") or {}), _settings(TrainingSettings, data.get("training") or {})
+    except (TypeError, ValueError) as exc:
+        raise MoramError(f"{recipe}: {exc}; recipes hold 'adapter:' and 'training:' sections (see recipes/)") from None
+
+
+def _check_adapter(a: AdapterSettings) -> None:
+    if a.r < 1 or a.k < 1 or a.temperature <= 0 or not 0 <= a.dropout < 1 or a.threshold < 0:
+        raise MoramError("invalid adapter settings: need r >= 1, k >= 1, temperature > 0, 0 <= dropout < 1, threshold >= 0")

@@ -1,0 +1,83 @@
+"""`MemoryStore`: create, open and grow a store atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from moram_cli.errors import MoramError
+from moram_cli.store.bank import Bank, BankTensors, check_task_name, write_bank
+from moram_cli.store.config import CONFIG_FILE, StoreConfig
+
+BANKS_DIR = "banks"
+STAGING_DIR = ".staging"
+
+
+class MemoryStore:
+    """A store directory: `store.yaml`, `banks/<NNN>-<name>/`, and a private `.staging/` area.
+
+    Every change is built under `.staging/` and renamed into place, so a
+    crash at any instant leaves either the old or the new store, never a
+    partial one.
+    """
+
+    def __init__(self, path: Path, config: StoreConfig) -> None:
+        self.path = path
+        self.config = config
+
+    @classmethod
+    def create(cls, path: Path, config: StoreConfig) -> "MemoryStore":
+        """Write a new, empty store at `path` (which must not exist, or be an empty directory)."""
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise MoramError(f"{path}: already exists and is not empty; choose a new store directory or remove it first")
+        if not path.parent.is_dir():
+            raise MoramError(f"{path.parent}: parent directory does not exist; create it first")
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.parent))
+        except OSError as exc:
+            raise MoramError(f"{path}: cannot create the store ({exc.strerror}); check permissions and free space") from None
+        try:
+            (staging / BANKS_DIR).mkdir()
+            config.save(staging)
+            os.chmod(staging, 0o755)
+            os.replace(staging, path)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise MoramError(f"{path}: cannot create the store ({exc.strerror}); check permissions and free space") from None
+        return cls(path, config)
+
+    @classmethod
+    def open(cls, path: Path) -> "MemoryStore":
+        if not (path / CONFIG_FILE).is_file():
+            raise MoramError(f"{path}: not a moram store (no {CONFIG_FILE}); create one with: moram init {path}")
+        return cls(path, StoreConfig.load(path))
+
+    def banks(self) -> list[Bank]:
+        """The banks in learning order."""
+        directory = self.path / BANKS_DIR
+        names = sorted(p for p in directory.iterdir() if p.is_dir() and p.name[:3].isdigit()) if directory.is_dir() else []
+        return [Bank(p) for p in names]
+
+    def check_new_task(self, name: str) -> None:
+        """Refuse a task name that is unsafe or already used, before any work is done."""
+        check_task_name(name)
+        if any(b.name == name for b in self.banks()):
+            raise MoramError(f"{self.path}: a task named {name!r} is already in the store; pick another --name")
+
+    def add_bank(self, name: str, tensors: BankTensors, metadata: dict) -> Bank:
+        """Append a bank atomically: written in staging, then renamed to `banks/<NNN>-<name>`."""
+        self.check_new_task(name)
+        banks = self.banks()
+        final = self.path / BANKS_DIR / f"{len(banks) + 1:03d}-{name}"
+        staging = self.path / STAGING_DIR / f"bank-{uuid.uuid4().hex}"
+        try:
+            write_bank(staging, tensors, {"index": len(banks) + 1, "task": name, **metadata})
+            os.replace(staging, final)
+        except OSError as exc:
+            raise MoramError(f"{self.path}: cannot write the new bank ({exc.strerror}); check permissions and free space; the store is unchanged") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return Bank(final)

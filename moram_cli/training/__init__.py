@@ -1,0 +1,1 @@
+"""Training one task's new ranks (`learn-task`) on Accelerate."""

@@ -1,0 +1,39 @@
+"""Configuration of the MoRAM adapter (the PEFT-style config dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+
+
+@dataclass
+class MoramConfig(PeftConfig):
+    """Hyper-parameters of one MoRAM memory.
+
+    `r` new rank-1 experts are added to every target module per task; the gate
+    keeps the `k` most relevant ranks (at least 2), sharpened by
+    `temperature`; at inference a rank whose normalised score is below
+    `threshold` is switched off. `target_modules` uses PEFT's matching rules
+    (suffix names, a regex string, or "all-linear").
+    """
+
+    r: int = 8
+    k: int = 4
+    temperature: float = 0.03
+    threshold: float = 0.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = field(default_factory=lambda: ["q_proj", "k_proj"])
+    exclude_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1 or self.k < 1:
+            raise ValueError(f"r and k must be positive, got r={self.r}, k={self.k}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

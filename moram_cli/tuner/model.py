@@ -1,0 +1,61 @@
+"""`MoramModel`: injects `MoramLayer`s into a causal LM by target-module name."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from moram_cli.tuner.config import MoramConfig
+from moram_cli.tuner.layer import MoramLayer
+
+BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class MoramModel(BaseTuner):
+    """A PEFT `BaseTuner`: PEFT's target matching decides which layers get a memory.
+
+    The memory itself is managed here, not through PEFT adapters: frozen
+    banks are installed with `set_memory`, a task's trainable ranks are added
+    with `add_task_ranks` and read back with `task_ranks`.
+    """
+
+    prefix = "moram_"
+    tuner_layer_cls = MoramLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        self._replace_module(parent, target_name, MoramLayer(target, adapter_name, config), target)
+
+    def moram_layers(self) -> dict[str, MoramLayer]:
+        """Adapted layers by their module name in the base model, in model order."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, MoramLayer)}
+
+    def set_memory(self, stacked: BankTensors) -> None:
+        """Install the frozen ranks of all earlier tasks: module name -> (A, B) stacks."""
+        layers = self.moram_layers()
+        missing = sorted(set(layers) ^ set(stacked))
+        if missing:
+            raise ValueError(f"memory and model disagree on adapted modules, e.g. {missing[0]}")
+        for name, (A, B) in stacked.items():
+            layers[name].set_frozen(A, B)
+
+    def add_task_ranks(self, r: int, seed: int) -> list[nn.Parameter]:
+        """Add `r` trainable experts to every adapted layer; returns exactly the new parameters."""
+        generator = torch.Generator().manual_seed(seed)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        params = []
+        for layer in self.moram_layers().values():
+            layer.add_ranks(r, generator)
+            name = layer.active_adapters[0]
+            params += [layer.moram_A[name], layer.moram_B[name]]
+        return params
+
+    def task_ranks(self) -> BankTensors:
+        """The trained ranks of the current task: module name -> (A, B), detached on CPU."""
+        out = {}
+        for module, layer in self.moram_layers().items():
+            name = layer.active_adapters[0]
+            out[module] = (layer.moram_A[name].detach().cpu(), layer.moram_B[name].detach().cpu())
+        return out

@@ -1,0 +1,143 @@
+"""The MoRAM layer against a direct computation of the method's six steps."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from moram_cli.tuner import MoramConfig, MoramLayer, rank_gate
+
+
+def reference_output(x, W, A, B, k, tau, delta, training):
+    """Steps 1-6 of the method, written out per token with plain loops over ranks."""
+    out = torch.empty(x.shape[0], B.shape[0])
+    for n, token in enumerate(x):
+        z = A @ token
+        s = z / max(z.norm().item(), 1e-8)
+        k_eff = min(max(k, 2), A.shape[0])
+        keep = sorted(range(len(s)), key=lambda i: -s[i].item())[:k_eff]
+        logits = torch.full_like(s, -math.inf)
+        logits[keep] = s[keep] / tau
+        g = torch.softmax(logits, dim=0)
+        if not training and delta > 0:
+            g = g * (s >= delta).float()
+        out[n] = W @ token + B @ (g * z)
+    return out
+
+
+def make_layer(d_in=12, d_out=10, frozen=6, new=4, **cfg):
+    torch.manual_seed(0)
+    layer = MoramLayer(nn.Linear(d_in, d_out, bias=False), "default", MoramConfig(**cfg))
+    if frozen:
+        layer.set_frozen(torch.randn(frozen, d_in), torch.randn(d_out, frozen))
+    if new:
+        layer.add_ranks(new, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            layer.moram_B["default"].normal_()
+    return layer
+
+
+def stacked(layer):
+    A = torch.cat([layer.moram_A_frozen["default"], layer.moram_A["default"]])
+    B = torch.cat([layer.moram_B_frozen["default"], layer.moram_B["default"]], dim=1)
+    return A.detach(), B.detach()
+
+
+@pytest.mark.parametrize("k,tau,delta", [(4, 0.03, 0.0), (1, 0.5, 0.0), (3, 0.1, 0.2), (50, 1.0, 0.1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_matches_reference(k, tau, delta, training):
+    layer = make_layer(k=k, temperature=tau, threshold=delta)
+    layer.train(training)
+    x = torch.randn(7, 12)
+    A, B = stacked(layer)
+    expected = reference_output(x, layer.base_layer.weight.detach(), A, B, k, tau, delta, training)
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_keeps_k_eff_ranks_and_threshold_does_not_renormalise():
+    z = torch.tensor([[3.0, -1.0, 2.0, 0.5, 0.1]])
+    g = rank_gate(z, k=3, temperature=1.0)
+    assert (g > 0).sum() == 3 and torch.isclose(g.sum(), torch.tensor(1.0))
+    s = z / z.norm()
+    pruned = rank_gate(z, k=3, temperature=1.0, threshold=0.3)
+    torch.testing.assert_close(pruned, g * (s >= 0.3))
+    assert pruned.sum() < 1.0
+    assert (rank_gate(z, k=1, temperature=1.0) > 0).sum() == 2  # k_eff = max(k, 2)
+
+
+def test_temperature_sharpens_the_gate():
+    z = torch.randn(1, 8)
+    soft, sharp = rank_gate(z, 8, 1.0), rank_gate(z, 8, 0.01)
+    assert sharp.max() > soft.max()
+
+
+def test_threshold_only_applies_in_eval_mode():
+    layer = make_layer(threshold=0.3)
+    x = torch.randn(5, 12)
+    layer.train()
+    train_out = layer(x)
+    layer.eval()
+    assert not torch.allclose(train_out, layer(x))
+
+
+def test_new_ranks_start_with_zero_values_so_a_fresh_layer_is_unchanged():
+    torch.manual_seed(0)
+    layer = MoramLayer(nn.Linear(12, 10), "default", MoramConfig())
+    x = torch.randn(4, 12)
+    before = layer(x).detach()
+    layer.add_ranks(4, torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(layer.moram_B["default"]) == 0
+    bound = 1 / math.sqrt(12)  # nn.Linear's kaiming-uniform(a=sqrt(5)) bound
+    assert layer.moram_A["default"].abs().max() <= bound
+    torch.testing.assert_close(layer(x), before)
+
+
+def test_new_ranks_join_the_gate_of_old_ones():
+    # With old ranks present, B_new = 0 does not make the new ranks invisible: they take part in the
+    # normalisation and the top-k, so old ranks can be re-weighted from the first step (the method's gate).
+    layer = make_layer(frozen=6, new=0)
+    x = torch.randn(4, 12)
+    old_only = layer(x).detach()
+    layer.add_ranks(4, torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(layer.moram_B["default"]) == 0
+    A, B = stacked(layer)
+    expected = reference_output(x, layer.base_layer.weight.detach(), A, B, 4, 0.03, 0.0, True)
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(layer(x), old_only)
+
+
+def test_old_ranks_get_no_gradient():
+    layer = make_layer()
+    layer(torch.randn(3, 12)).sum().backward()
+    assert not layer.moram_A_frozen["default"].requires_grad
+    assert layer.moram_A["default"].grad is not None and layer.moram_B["default"].grad is not None
+    assert layer.base_layer.weight.grad is not None  # nn.Linear itself is frozen by MoramModel, tested there
+
+
+def test_gradient_reaches_new_keys_through_both_projection_and_gate():
+    layer = make_layer(k=10, temperature=0.5)
+    x = torch.randn(3, 12)
+
+    def grad_of_A(detach_gate):
+        layer.zero_grad()
+        A, B = stacked(layer)
+        A = torch.cat([A[:6], layer.moram_A["default"]])
+        z = x @ A.T
+        g = rank_gate(z, 10, 0.5)
+        (((g.detach() if detach_gate else g) * z) @ B.T).sum().backward()
+        return layer.moram_A["default"].grad.clone()
+
+    through_z = grad_of_A(detach_gate=True)
+    full = grad_of_A(detach_gate=False)
+    assert through_z.abs().sum() > 0
+    assert not torch.allclose(full, through_z)  # the gate contributes its own gradient
+    layer.zero_grad()
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.moram_A["default"].grad, full)
+
+
+def test_set_frozen_rejects_wrong_shapes():
+    layer = make_layer(frozen=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.set_frozen(torch.randn(4, 11), torch.randn(10, 4))
