@@ -145,13 +145,17 @@ def _checked_str(value: Any, name: str, where: str, *, non_empty: bool) -> str:
 
 def _messages(value: Any, where: str) -> tuple[dict, ...]:
     if not isinstance(value, list) or not value:
-        raise MoramError(f"{where}: field 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}}")
+        raise MoramError(f"{where}: field 'messages' must be a non-empty list of " '{"role": ..., "content": ...}')
     for index, message in enumerate(value):
         _check_message(message, f"messages[{index}]", where)
     last = value[-1]
     if last["role"] != "assistant":
-        raise MoramError(f"{where}: the last message must have role 'assistant' (the target), not {one_line(last['role'])!r}")
+        role = one_line(last["role"])
+        raise MoramError(f"{where}: the last message must have role 'assistant' (the target), not {role!r}")
     _checked_str(last["content"], f"messages[{len(value) - 1}].content", where, non_empty=True)
+    if len(value) == 1:
+        # Chat templates refuse an empty conversation, so the prompt needs at least one message.
+        raise MoramError(f"{where}: 'messages' needs at least one message (e.g. the user's) before the assistant's")
     return tuple(dict(message) for message in value)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from moram_cli.data.encode import encode_completion, encode_prompt, join_separator
+from moram_cli.data.encode import encode_completion, encode_prompt, separator
 
 
 @torch.no_grad()
@@ -14,7 +14,7 @@ def choose(model, tokenizer, prompt: str, candidates: list[str], max_length: int
 
     The prompt runs once; its KV cache is then shared by all candidates in one batch.
     """
-    cand_ids = [encode_completion(join_separator(prompt, c) + c, tokenizer, add_eos=False) for c in candidates]
+    cand_ids = [encode_completion(separator(prompt, c) + c, tokenizer, add_eos=False) for c in candidates]
     longest = max(len(c) for c in cand_ids)
     prompt_ids, cut = encode_prompt(prompt, tokenizer, max(1, max_length - longest))
     device = model.device
