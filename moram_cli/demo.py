@@ -19,10 +19,12 @@ def run_demo(store: Path, show_progress: bool = True) -> dict:
     started = time.time()
     init_store(store)
     stages = [("zero-shot", _accuracies(store, show_progress))]
+    _say(show_progress, f"zero-shot accuracy: {_row(stages[-1][1])}")
     for i, task in enumerate(DEMO_TASKS, start=1):
         _say(show_progress, f"learning task {i}: {task}")
         learn_task(store, DEMO_DATA / task / "train.jsonl", name=task, show_progress=show_progress)
         stages.append((f"after {task}", _accuracies(store, show_progress)))
+        _say(show_progress, f"accuracy after {task}: {_row(stages[-1][1])}")
     result = {"store": str(store), "tasks": list(DEMO_TASKS), "rows": [{"stage": s, "accuracy": a} for s, a in stages],
               "wall_seconds": round(time.time() - started, 1)}
     if show_progress:
@@ -33,6 +35,10 @@ def run_demo(store: Path, show_progress: bool = True) -> dict:
 
 def _accuracies(store: Path, show_progress: bool) -> list[float]:
     return [evaluate_store(store, DEMO_DATA / t / "test.jsonl", show_progress=show_progress)["accuracy"] for t in DEMO_TASKS]
+
+
+def _row(accuracies: list[float]) -> str:
+    return ", ".join(f"{t} {a:.3f}" for t, a in zip(DEMO_TASKS, accuracies))
 
 
 def _say(enabled: bool, message: str) -> None:

@@ -149,3 +149,18 @@ def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> TinyTask:
         train=_dump_jsonl(root / "train.jsonl", tiny_task_rows(24, seed=1)),
         test=_dump_jsonl(root / "test.jsonl", tiny_task_rows(12, seed=2)),
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep fingerprints and converted models out of the user's ~/.cache (unless a test run sets MORAM_CACHE)."""
+    import os
+
+    path = Path(os.environ.get("MORAM_CACHE") or tmp_path_factory.mktemp("moram_cache"))
+    os.environ["MORAM_CACHE"] = str(path)
+    return path
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes: two equal snapshots mean nothing changed."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

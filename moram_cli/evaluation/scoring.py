@@ -18,7 +18,7 @@ def choose(model, tokenizer, prompt: str, candidates: list[str], max_length: int
     longest = max(len(c) for c in cand_ids)
     prompt_ids, cut = encode_prompt(prompt, tokenizer, max(1, max_length - longest))
     device = model.device
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
     scores = torch.tensor([first[c[0]].item() for c in cand_ids])
     if longest > 1:

@@ -21,6 +21,7 @@ from moram_cli.evaluation.evaluate import evaluate_examples
 from moram_cli.models.fingerprint import sha256_file
 from moram_cli.models.memory import build_memory_model
 from moram_cli.store import MemoryStore, TrainingSettings
+from moram_cli.training.loss import completion_loss
 from moram_cli.training.progress import training_progress
 from moram_cli.training.sampler import BucketBatchSampler
 
@@ -103,7 +104,7 @@ def _train(accelerator: Accelerator, model, params, encoded: list[Encoded], pad_
             for batch in loader:
                 if len(losses) == total:
                     break
-                loss = model(**batch).loss
+                loss = completion_loss(model, batch)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
