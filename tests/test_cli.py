@@ -110,3 +110,13 @@ def test_help_texts_describe_every_command():
                            "eval": ["--scoring", "--upto", "--base-only"]}.items():
         text = moram(command, "--help").output
         assert all(w in text for w in words), command
+
+
+def test_a_loaded_store_runs_in_inference_mode_so_the_threshold_applies(trained):
+    from moram_cli.models.memory import build_memory_model
+    from moram_cli.store import MemoryStore
+
+    model, _ = build_memory_model(MemoryStore.open(trained))
+    layers = model.moram_layers().values()
+    assert layers and not any(layer.training for layer in layers)
+    assert all(layer.frozen_ranks == 4 for layer in layers)

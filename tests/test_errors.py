@@ -142,3 +142,8 @@ def test_ctrl_c_during_training_leaves_the_store_unchanged(store, tiny_task, mon
     result = runner.invoke(app, ["learn-task", str(store), "--data", str(tiny_task.train)])
     assert result.exit_code == 130 and "store is unchanged" in result.stderr
     assert snapshot(store) == before
+
+
+def test_training_settings_that_cannot_train(store, tiny_task):
+    fails_cleanly(["learn-task", store, "--data", tiny_task.train, "--lr", "0"], store, "invalid training settings")
+    fails_cleanly(["learn-task", store, "--data", tiny_task.train, "--batch-size", "0"], store, "invalid training settings")

@@ -32,6 +32,8 @@ def build_memory_model(
         check_bank_fits(bank, tensors, model)
     if per_bank:
         model.set_memory(stack_banks(per_bank))
+    # Freshly injected layers start in training mode, which would skip the inference-only threshold.
+    model.eval()
     return model, tokenizer
 
 

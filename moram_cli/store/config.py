@@ -35,6 +35,7 @@ class TrainingSettings:
     max_length: int = 512
     seed: int = 0
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"
 
 
 @dataclass

@@ -17,6 +17,7 @@ from moram_cli import __version__
 from moram_cli.data.batching import collate
 from moram_cli.data.encode import Encoded, encode_dataset
 from moram_cli.data.jsonl import read_examples
+from moram_cli.errors import MoramError
 from moram_cli.evaluation.evaluate import evaluate_examples
 from moram_cli.models.fingerprint import sha256_file
 from moram_cli.models.memory import build_memory_model
@@ -24,6 +25,9 @@ from moram_cli.store import MemoryStore, TrainingSettings
 from moram_cli.training.loss import completion_loss
 from moram_cli.training.progress import training_progress
 from moram_cli.training.sampler import BucketBatchSampler
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def default_task_name(data: Path) -> str:
@@ -52,7 +56,7 @@ def learn_task(
     store = MemoryStore.open(store_path)
     name = name or default_task_name(data)
     store.check_new_task(name)
-    settings = replace(store.config.training, **{k: v for k, v in overrides.items() if v is not None})
+    settings = checked_settings(replace(store.config.training, **{k: v for k, v in overrides.items() if v is not None}))
     examples = read_examples(data)
     eval_examples = read_examples(eval_data, allow_text=False) if eval_data else None
     started = time.time()
@@ -63,29 +67,33 @@ def learn_task(
     encoded, n_cut = encode_dataset(examples, tokenizer, settings.max_length)
     losses, tokens = _train(accelerator, model, params, encoded, tokenizer.pad_token_id, settings, show_progress)
     summary = {
-        "task": name,
-        "data": str(data),
-        "data_sha256": sha256_file(data),
-        "examples": len(examples),
-        "truncated_examples": n_cut,
-        "new_ranks_per_module": store.config.adapter.r,
-        "trainable_parameters": sum(p.numel() for p in params),
-        "hyperparameters": asdict(settings),
-        "steps": len(losses),
-        "tokens": tokens,
-        "loss": _loss_summary(losses),
+        "task": name, "data": str(data), "data_sha256": sha256_file(data), "examples": len(examples),
+        "truncated_examples": n_cut, "new_ranks_per_module": store.config.adapter.r,
+        "trainable_parameters": sum(p.numel() for p in params), "hyperparameters": asdict(settings),
+        "steps": len(losses), "tokens": tokens, "loss": _loss_summary(losses),
     }
     if eval_examples is not None:
         model.eval()
-        summary["eval"] = {"data": str(eval_data), "data_sha256": sha256_file(eval_data),
-                           **evaluate_examples(model, tokenizer, eval_examples, eval_data, max_length=settings.max_length)}
+        result = evaluate_examples(model, tokenizer, eval_examples, eval_data, max_length=settings.max_length)
+        summary["eval"] = {"data": str(eval_data), "data_sha256": sha256_file(eval_data), **result}
     summary |= {"wall_seconds": round(time.time() - started, 1), "tool_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if accelerator.is_main_process:
-        bank = store.add_bank(name, accelerator.unwrap_model(model).task_ranks(), summary)
-        summary["bank"] = str(bank.path)
+        summary["bank"] = str(store.add_bank(name, accelerator.unwrap_model(model).task_ranks(), summary).path)
     accelerator.wait_for_everyone()
     return summary
+
+
+def checked_settings(settings: TrainingSettings) -> TrainingSettings:
+    """Refuse settings that cannot train, before the model is loaded."""
+    if settings.epochs <= 0 or settings.lr <= 0 or settings.batch_size < 1 or settings.max_length < 2 or settings.weight_decay < 0 \
+            or settings.lr_schedule not in LR_SCHEDULES:
+        raise MoramError(
+            f"invalid training settings (epochs={settings.epochs}, lr={settings.lr}, batch_size={settings.batch_size}, "
+            f"max_length={settings.max_length}, lr_schedule={settings.lr_schedule!r}); need epochs > 0, lr > 0, "
+            f"batch_size >= 1, max_length >= 2, lr_schedule one of {', '.join(LR_SCHEDULES)}"
+        )
+    return settings
 
 
 def _train(accelerator: Accelerator, model, params, encoded: list[Encoded], pad_id: int, settings: TrainingSettings, show: bool):
@@ -93,8 +101,9 @@ def _train(accelerator: Accelerator, model, params, encoded: list[Encoded], pad_
     sampler = BucketBatchSampler([len(e.input_ids) for e in encoded], settings.batch_size, settings.seed)
     loader = DataLoader(encoded, batch_sampler=sampler, collate_fn=partial(collate, pad_id=pad_id))
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total = max(1, math.ceil(settings.epochs * len(loader)))
+    scheduler = lr_schedule(optimizer, settings.lr_schedule, total)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     losses, tokens, started = [], 0, time.time()
     model.train()
     with training_progress(show and accelerator.is_main_process) as progress:
@@ -107,11 +116,19 @@ def _train(accelerator: Accelerator, model, params, encoded: list[Encoded], pad_
                 loss = completion_loss(model, batch)
                 accelerator.backward(loss)
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 tokens += int(batch["attention_mask"].sum())
                 progress.update(bar, advance=1, loss=losses[-1], tps=tokens / (time.time() - started))
     return losses, tokens
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """"constant", or "cosine": half a cosine from the full rate down to zero at the last step."""
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def _loss_summary(losses: list[float]) -> dict:
