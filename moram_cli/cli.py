@@ -76,13 +76,13 @@ def init(
     store: StoreArg,
     base_model: Annotated[Optional[str], typer.Option(help="Hugging Face hub id, local model directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe with 'adapter:' and 'training:' sections (see recipes/); flags below override it.")] = None,
-    r: Annotated[Optional[int], typer.Option("--r", help="New rank-1 experts per adapted module per task. [default: 8]")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Activation budget: ranks kept by the gate per token (at least 2). [default: 4]")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature of the gate. [default: 0.03]")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Inference-time pruning: ranks with normalised score below this are off. [default: 0]")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Dropout on the adapter input. [default: 0]")] = None,
-    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names to adapt, or 'all-linear'. [default: q_proj,k_proj]")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Base model dtype: float32, bfloat16 or float16. [default: float32]")] = None,
+    r: Annotated[Optional[int], typer.Option("--r", help="New rank-1 experts per adapted module per task. Default: 8.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Activation budget: ranks kept by the gate per token (at least 2). Default: 4.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature of the gate. Default: 0.03.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Inference-time pruning: ranks with normalised score below this are off. Default: 0.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout on the adapter input. Default: 0.")] = None,
+    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names to adapt, or 'all-linear'. Default: q_proj,k_proj.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Base model dtype: float32, bfloat16 or float16. Default: float32.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create an empty memory store for a base model.
@@ -107,25 +107,26 @@ def init(
 def learn_task_command(
     store: StoreArg,
     data: Annotated[Path, typer.Option(help="Training data, JSONL: {prompt, completion}, {messages} or {text} per line.", show_default=False)],
-    name: Annotated[Optional[str], typer.Option(help="Task name. [default: the data file's name, or its folder's for train.jsonl]")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (fractions allowed). [default: store's, 1]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate. [default: store's, 2e-3]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Examples per optimiser step. [default: store's, 8]")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Token limit per example; longer prompts are cut in the middle. [default: store's, 512]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for new-rank initialisation and data order. [default: store's, 0]")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Task name. Default: the data file's name, or its folder's for train.jsonl.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (fractions allowed). Default: the store's, 1.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate. Default: the store's, 2e-3.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per optimiser step. Default: the store's, 8.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Token limit per example; longer prompts are cut in the middle. Default: the store's, 512.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for new-rank initialisation and data order. Default: the store's, 0.")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="constant, or cosine (decays to zero at the last step). Default: the store's, constant.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Test set of this task: evaluated after training and recorded in the bank.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Teach the store one new task: add fresh rank-1 experts and train only them.
 
     Loads the base model and all existing banks (frozen), adds r new experts per
-    adapted module, trains them on DATA (loss on completion tokens only) and
+    adapted module, trains them on the --data file (loss on completion tokens only) and
     writes them as a new bank. The store changes only when training finished.
     """
     from moram_cli.training.learn import learn_task
 
     result = run(learn_task, store, data, name=name, eval_data=eval_data, show_progress=not as_json, epochs=epochs,
-                 lr=lr, batch_size=batch_size, max_length=max_length, seed=seed)
+                 lr=lr, batch_size=batch_size, max_length=max_length, seed=seed, lr_schedule=lr_schedule)
     emit(result, as_json, learn_table)
 
 
@@ -136,7 +137,7 @@ def eval_command(
     scoring: Annotated[str, typer.Option(help="auto: ranked choice when completions form a label set (labels.json beside the file, or few repeated answers), else exact match of greedy generation; or force choice/generate.")] = "auto",
     upto: Annotated[Optional[int], typer.Option(help="Evaluate the store as it was after its first N banks.")] = None,
     base_only: Annotated[bool, typer.Option("--base-only", help="Evaluate the bare base model (same as --upto 0).")] = False,
-    max_length: Annotated[Optional[int], typer.Option(help="Token limit per prompt + answer. [default: store's]")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Token limit per prompt + answer. Default: the store's max_length.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure accuracy of the store on a test set."""

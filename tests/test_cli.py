@@ -120,3 +120,12 @@ def test_a_loaded_store_runs_in_inference_mode_so_the_threshold_applies(trained)
     layers = model.moram_layers().values()
     assert layers and not any(layer.training for layer in layers)
     assert all(layer.frozen_ranks == 4 for layer in layers)
+
+
+def test_chat_and_plain_text_data_train_too(store, tmp_path, write_jsonl):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"river {i}?"},
+                                                               {"role": "assistant", "content": "alpha"}]} for i in range(6)])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"the market today {i}"} for i in range(6)])
+    assert ok_json("learn-task", store, "--data", chat, "--batch-size", "3")["steps"] == 2
+    assert ok_json("learn-task", store, "--data", text, "--batch-size", "3")["steps"] == 2
+    assert ok_json("eval", store, "--data", chat, "--scoring", "choice")["labels"] == ["alpha"]
