@@ -164,3 +164,29 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` with its bytes: two equal snapshots mean nothing changed."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# In and out features of the adapted modules of the tiny Llama (two key-value heads of size 8).
+TINY_SHAPES = {"q_proj": (32, 32), "k_proj": (32, 16)}
+
+
+def random_bank(r: int, seed: int, values: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A bank for the tiny Llama without training: random keys, random values (or zero ones, as before training)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"model.layers.{i}.self_attn.{m}": (torch.randn(r, d_in, generator=g) / d_in**0.5,
+                                            torch.randn(d_out, r, generator=g) * (0.1 if values else 0.0))
+        for i in range(2) for m, (d_in, d_out) in TINY_SHAPES.items()
+    }
+
+
+@pytest.fixture
+def new_store(tmp_path: Path, tiny_model_dir: Path) -> Callable[[str], Path]:
+    """`new_store(name)`: an empty store `tmp_path/name` on the tiny Llama, 4 new ranks per task, k=2."""
+    from moram_cli.store.init import init_store
+
+    def make(name: str) -> Path:
+        init_store(tmp_path / name, base_model=str(tiny_model_dir), r=4, k=2)
+        return tmp_path / name
+
+    return make

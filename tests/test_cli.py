@@ -43,7 +43,8 @@ def test_init_records_base_model_and_settings(store, tiny_model_dir):
     config = yaml.safe_load((store / "store.yaml").read_text())
     assert config["base_model"]["kind"] == "local" and config["base_model"]["source"] == str(tiny_model_dir)
     assert len(config["base_model"]["fingerprint"]) == 64
-    assert config["adapter"] == {"r": 4, "k": 2, "temperature": 0.1, "threshold": 0.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj"]}
+    assert config["adapter"] == {"r": 4, "k": 2, "temperature": 0.1, "threshold": 0.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj"],
+                                 "lora_alpha": None}
     assert config["format_version"] == 1 and config["method"] == "moram" and config["dtype"] == "float32"
     assert list((store / "banks").iterdir()) == []
 
@@ -79,6 +80,15 @@ def test_second_task_adds_a_bank_and_leaves_the_first_untouched(trained, tiny_ta
     assert sorted(p.name for p in (trained / "banks").iterdir()) == ["001-tiny", "002-again"]
 
 
+def test_each_task_draws_its_own_initial_keys(store, tiny_task):
+    # lr ~0 keeps every key at its initial draw; same seed, so only the task index can tell them apart
+    for name in ("one", "two"):
+        ok_json("learn-task", store, "--data", tiny_task.train, "--name", name, "--lr", "1e-12", "--epochs", "0.2", "--seed", "0")
+    one, two = (load_file(store / "banks" / b / "weights.safetensors") for b in ("001-one", "002-two"))
+    key = "model.layers.0.self_attn.q_proj.A"
+    assert one[key].abs().sum() > 0 and (one[key] - two[key]).abs().max() > 1e-3
+
+
 def test_eval_scores_by_choice_and_upto_zero_is_the_base_model(trained, tiny_task):
     full = ok_json("eval", trained, "--data", tiny_task.test)
     assert full["scoring"] == "choice" and full["labels"] == ["alpha", "beta", "gamma"] and full["total"] == 12
@@ -105,9 +115,15 @@ def test_default_task_name_comes_from_the_file(store, tiny_task, tmp_path, write
 
 def test_help_texts_describe_every_command():
     assert "init" in moram("--help").output and "learn-task" in moram("--help").output
-    for command, words in {"init": ["--base-model", "--recipe", "--target-modules"],
-                           "learn-task": ["--data", "--eval-data", "--max-length", "--json"],
-                           "eval": ["--scoring", "--upto", "--base-only"]}.items():
+    for command, words in {"init": ["--base-model", "--recipe", "--method", "inclora", "--target-modules", "--trust-remote-code"],
+                           "learn-task": ["--data", "--eval-data", "--max-length", "--json", "--break-lock", "--trust-remote-code",
+                                          "global batch", "--grad-accum", "--precision", "--gradient-checkpointing", "--max-steps",
+                                          "--checkpoint-every", "--resume", "--launch", "cpu-ddp", "zero3", "--num-processes"],
+                           "eval": ["--scoring", "--upto", "--base-only", "--suite", "--suite-path", "--limit", "--min-accuracy",
+                                    "--max-forgetting", "--markdown", "exits with code 1", "--trust-remote-code"],
+                           "verify": ["sha256", "safetensors", "001..N", "--json"],
+                           "inspect-ranks": ["--data", "--module", "--top", "[default: 5]", "--plot", "moram[plot]", "--json"],
+                           "merge": ["new store to write", "stores to merge", "--tasks", "--prune-below", "--data", "--eval-data", "--json"]}.items():
         text = moram(command, "--help").output
         assert all(w in text for w in words), command
 

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moram_cli.data.batching import collate, length_bucketed_batches
@@ -168,34 +162,6 @@ def test_missing_file_directory_and_empty_file(tmp_path):
         with pytest.raises(MoramError) as err:
             read_examples(tmp_path / "empty.jsonl")
         assert "no examples" in assert_user_error(err, f"{tmp_path}/empty.jsonl")
-
-
-_json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-_json_keys = st.sampled_from(["prompt", "completion", "messages", "text", "role", "content"]) | st.text(max_size=4)
-_json_values = st.recursive(
-    _json_scalars,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(_json_keys, inner, max_size=4),
-    max_leaves=12,
-)
-_tricky_lines = st.sampled_from(
-    [b"", b"\xef\xbb\xbf{}", b'{"prompt": "\\udfff", "completion": "x"}', b"[" * 5000, b"\r", b"\x00", b"\xff\xfe"]
-)
-_lines = st.binary(max_size=40) | _json_values.map(lambda value: json.dumps(value).encode()) | _tricky_lines
-
-
-@settings(max_examples=50, deadline=None)
-@given(lines=st.lists(_lines, max_size=5))
-def test_read_examples_only_ever_raises_moram_error(lines):
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "fuzz.jsonl"
-        path.write_bytes(b"\n".join(lines))
-        try:
-            examples = read_examples(path)
-        except MoramError as err:
-            assert "\n" not in str(err) and "\r" not in str(err)
-        else:
-            assert examples and len({example.kind for example in examples}) == 1
 
 
 # ---------------------------------------------------------------- encoding

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -132,7 +138,7 @@ def test_newer_store_format(store, tiny_task):
 
 
 def test_ctrl_c_during_training_leaves_the_store_unchanged(store, tiny_task, monkeypatch):
-    import moram_cli.training.learn as learn
+    import moram_cli.training.loop as learn
 
     def interrupted(model, batch):
         raise KeyboardInterrupt
@@ -147,3 +153,116 @@ def test_ctrl_c_during_training_leaves_the_store_unchanged(store, tiny_task, mon
 def test_training_settings_that_cannot_train(store, tiny_task):
     fails_cleanly(["learn-task", store, "--data", tiny_task.train, "--lr", "0"], store, "invalid training settings")
     fails_cleanly(["learn-task", store, "--data", tiny_task.train, "--batch-size", "0"], store, "invalid training settings")
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """`read_only(directory)`: writes into it fail as on a read-only mount.
+
+    chmod where it binds; as root, which chmod does not stop, os.open and
+    os.mkdir fail with EROFS for anything created directly inside it.
+    """
+    locked = []
+
+    def make(directory: Path) -> None:
+        if os.geteuid() != 0:
+            directory.chmod(0o555)
+            locked.append(directory)
+            return
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def refuse(path) -> None:
+            if Path(path).parent == directory:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+        def guarded_open(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                refuse(path)
+            return real_open(path, flags, *args, **kwargs)
+
+        def guarded_mkdir(path, *args, **kwargs):
+            refuse(path)
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", guarded_open)
+        monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+
+    yield make
+    for directory in locked:
+        directory.chmod(0o755)
+
+
+def test_init_into_a_read_only_directory(tmp_path, tiny_model_dir, read_only):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    read_only(parent)
+    fails_cleanly(["init", parent / "store", "--base-model", tiny_model_dir], expect="cannot create the store")
+    assert list(parent.iterdir()) == []
+
+
+def test_learn_task_on_a_read_only_store(store, tiny_task, read_only):
+    read_only(store)
+    fails_cleanly(["learn-task", store, "--data", tiny_task.train], store, "cannot lock the store for writing")
+
+
+def test_a_full_disk_while_the_bank_is_written(store, tiny_task, monkeypatch):
+    import moram_cli.store.bank as bank_module
+
+    def disk_full(*args, **kwargs):
+        # What safetensors really raises: its own error type, not an OSError.
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
+
+    monkeypatch.setattr(bank_module, "save_file", disk_full)
+    message = fails_cleanly(["learn-task", store, "--data", tiny_task.train, "--epochs", "0.2", "--json"], store, "cannot write the new bank")
+    assert "No space left on device" in message and message.endswith("the store is unchanged")
+
+
+@pytest.fixture
+def custom_code_model(tmp_path, tiny_model_dir, monkeypatch):
+    """The tiny model as an architecture of its own, in Python shipped beside it; importing that code leaves a mark."""
+    import transformers.dynamic_module_utils as dynamic_modules
+
+    model = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config |= {"model_type": "custom_llama",
+               "auto_map": {"AutoConfig": "custom_llama.CustomConfig", "AutoModelForCausalLM": "custom_llama.CustomModel"}}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "custom_llama.py").write_text(
+        "import os\nfrom pathlib import Path\nfrom transformers import LlamaConfig, LlamaForCausalLM\n"
+        "Path(os.environ['MORAM_TEST_RAN_MODEL_CODE']).touch()\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    monkeypatch.setenv("MORAM_TEST_RAN_MODEL_CODE", str(tmp_path / "ran"))
+    # transformers copies trusted code into a modules cache and onto sys.path: keep both inside the test.
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return model
+
+
+def test_model_code_runs_only_with_trust_remote_code(custom_code_model, tmp_path, write_jsonl):
+    store = tmp_path / "s"
+    assert runner.invoke(app, ["init", str(store), "--base-model", str(custom_code_model)]).exit_code == 0
+    data = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "river?", "completion": "alpha"}] * 2)
+    fails_cleanly(["eval", store, "--data", data], store, "ships its own Python code, which moram runs only with --trust-remote-code")
+    assert not (tmp_path / "ran").exists()
+    result = runner.invoke(app, ["eval", str(store), "--data", str(data), "--trust-remote-code", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ran").exists()
+
+
+def test_hub_lookups_never_run_model_code_unasked(tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    asked = []
+
+    def hub_config(model_id, **kwargs):
+        # Left at None, transformers would ask on the terminal; moram must always decide.
+        asked.append(kwargs.get("trust_remote_code"))
+        raise ValueError("org/custom contains custom code.\nPlease pass the argument `trust_remote_code=True`")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", hub_config)
+    fails_cleanly(["init", tmp_path / "s", "--base-model", "org/custom"], expect="runs only with --trust-remote-code")
+    fails_cleanly(["init", tmp_path / "s", "--base-model", "org/custom", "--trust-remote-code"])
+    assert asked == [False, True]

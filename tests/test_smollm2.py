@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     """A few dozen DBpedia examples from the shipped demo data, with its labels.json for ranked choice."""
-    root = tmp_path_factory.mktemp("dbpedia")
+    root = tmp_path_factory.mktemp("sample") / "dbpedia"  # mktemp adds a numeric suffix; the task is named after this folder
+    root.mkdir()
     source = DEMO_DATA / "dbpedia"
     (root / "train.jsonl").write_text("".join(source.joinpath("train.jsonl").read_text().splitlines(True)[:48]))
     (root / "test.jsonl").write_text("".join(source.joinpath("test.jsonl").read_text().splitlines(True)[:24]))

@@ -73,3 +73,10 @@ def test_unsafe_task_names_are_refused(name):
 
 def test_ordinary_task_names_pass():
     assert check_task_name("yelp_2024-v1.2") == "yelp_2024-v1.2"
+
+
+def test_only_numbered_directories_are_banks_and_they_go_by_number(tmp_path):
+    store = new_store(tmp_path / "s")
+    for name in ("1000-late", "999-early", "003", "001x-a", "notes"):
+        (store.path / "banks" / name).mkdir()
+    assert [b.path.name for b in store.banks()] == ["999-early", "1000-late"]

@@ -1,1 +1,1 @@
-"""Measuring a store: accuracy by ranked choice or by exact match of generation."""
+"""Measuring a store: accuracy on a test set (ranked choice or generation), the continual-learning record, lm-eval suites, CI gates."""

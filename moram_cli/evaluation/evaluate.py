@@ -72,6 +72,7 @@ def evaluate_store(
     scoring: str = "auto",
     max_length: int | None = None,
     show_progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Evaluate the store as it was after its first `upto` banks (`base_only`: none) on `data`."""
     if scoring not in SCORINGS:
@@ -79,7 +80,7 @@ def evaluate_store(
     store = MemoryStore.open(store_path)
     examples = read_examples(data, allow_text=False)
     upto = 0 if base_only else upto
-    model, tokenizer = build_memory_model(store, upto)
+    model, tokenizer = build_memory_model(store, upto, trust_remote_code)
     banks = store.banks()[:upto]
     result = evaluate_examples(model, tokenizer, examples, data, scoring, max_length or store.config.training.max_length, show_progress)
     return {"store": str(store_path), "data": str(data), "banks": [b.path.name for b in banks], **result}

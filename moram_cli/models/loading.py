@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from moram_cli.errors import MoramError
 from moram_cli.models.cache import cache_dir
-from moram_cli.models.reference import BaseModelRef, _first_line, current_fingerprint, embedded_gguf_path
+from moram_cli.models.reference import BaseModelRef, current_fingerprint, embedded_gguf_path, loader_failure
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +34,7 @@ def load_base_model(
             source, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except Exception as exc:  # every loader failure gets the same one-line advice
-        raise MoramError(f"cannot load base model {ref.source}: {_first_line(exc)}; check the model files or re-create the store") from None
+        raise MoramError(f"cannot load base model {ref.source}: {loader_failure(exc)}; check the model files or re-create the store") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

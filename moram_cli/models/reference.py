@@ -47,7 +47,7 @@ def embedded_gguf_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
 
 
-def resolve_base_model(spec: str | None) -> BaseModelRef:
+def resolve_base_model(spec: str | None, trust_remote_code: bool = False) -> BaseModelRef:
     """Turn a `--base-model` value (None = embedded default) into a fingerprinted reference."""
     if spec is None:
         return BaseModelRef("embedded", EMBEDDED_NAME, cached_sha256(embedded_gguf_path()))
@@ -60,18 +60,19 @@ def resolve_base_model(spec: str | None) -> BaseModelRef:
         return BaseModelRef("local", str(path.resolve()), directory_fingerprint(path))
     if path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
         raise MoramError(f"{spec}: base model not found or not usable; pass a model directory, a .gguf file or a hub id")
-    return BaseModelRef("hub", spec, _hub_commit(spec))
+    return BaseModelRef("hub", spec, _hub_commit(spec, trust_remote_code))
 
 
-def _hub_commit(model_id: str) -> str:
+def _hub_commit(model_id: str, trust_remote_code: bool) -> str:
     """The commit a hub id resolves to now (works offline when the model is in the local HF cache)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_id)
+        # An explicit False: left at None, transformers asks on the terminal whether to run the model's code.
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except Exception as exc:  # any hub/network failure ends in the same advice
         raise MoramError(
-            f"cannot resolve hub model '{model_id}' ({_first_line(exc)}); offline, pass a local model directory or .gguf file"
+            f"cannot resolve hub model '{model_id}' ({loader_failure(exc)}); offline, pass a local model directory or .gguf file"
         ) from None
     return getattr(config, "_commit_hash", None) or "unknown"
 
@@ -88,6 +89,9 @@ def current_fingerprint(ref: BaseModelRef) -> str:
     return cached_sha256(path) if ref.kind == "gguf" else directory_fingerprint(path)
 
 
-def _first_line(exc: BaseException) -> str:
+def loader_failure(exc: BaseException) -> str:
+    """A transformers loading error in one line, said in moram's terms when it refused to run the model's own code."""
+    if "trust_remote_code" in str(exc):
+        return "the model ships its own Python code, which moram runs only with --trust-remote-code (read that code first)"
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]

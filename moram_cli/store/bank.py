@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
 from moram_cli.models.fingerprint import sha256_file
 from moram_cli.store.yamlio import read_yaml, write_yaml
@@ -18,6 +22,7 @@ from moram_cli.store.yamlio import read_yaml, write_yaml
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "bank.yaml"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+DIR_PATTERN = re.compile(r"[0-9]{3,}-" + NAME_PATTERN.pattern)
 
 BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -29,6 +34,11 @@ def check_task_name(name: str) -> str:
             f"invalid task name {name[:40]!r}; use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+def is_bank_dir(path: Path) -> bool:
+    """`banks/<NNN>-<name>/`: anything else under `banks/` is not a bank and never loaded."""
+    return path.is_dir() and DIR_PATTERN.fullmatch(path.name) is not None
 
 
 @dataclass(frozen=True)
@@ -48,17 +58,32 @@ class Bank:
     def metadata(self) -> dict:
         return read_yaml(self.path / META_FILE, "bank metadata")
 
+    def verified_hash(self, weights: Path | None = None) -> str:
+        """The recorded weights sha256, once `weights` (default: the bank's own file, or a copy of it) proved to match it."""
+        weights = weights or self.path / WEIGHTS_FILE
+        recorded = self.metadata().get("weights_sha256")
+        if not weights.is_file() or sha256_file(weights) != recorded:
+            raise MoramError(f"{self.path}: bank weights are missing or corrupt (sha256 mismatch); restore the bank from a backup or remove it")
+        return recorded
+
     def tensors(self, verify: bool = True) -> BankTensors:
         """Module name -> (A, B), checked against the recorded weights hash."""
         weights = self.path / WEIGHTS_FILE
         if verify:
-            recorded = self.metadata().get("weights_sha256")
-            if not weights.is_file() or sha256_file(weights) != recorded:
-                raise MoramError(f"{self.path}: bank weights are missing or corrupt (sha256 mismatch); restore the bank from a backup or remove it")
+            self.verified_hash()
         try:
             flat = load_file(weights)
         except (SafetensorError, OSError) as exc:
-            raise MoramError(f"{self.path}: bank weights cannot be read ({exc}); restore the bank from a backup") from None
+            raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
+        return unflatten(flat, self.path)
+
+    def shapes(self) -> dict[str, tuple[list[int], list[int]]]:
+        """Module name -> (shape of A, shape of B), read from the safetensors header alone."""
+        try:
+            with safe_open(self.path / WEIGHTS_FILE, "pt") as weights:
+                flat = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
         return unflatten(flat, self.path)
 
 
@@ -81,7 +106,8 @@ def flatten(tensors: BankTensors) -> dict[str, torch.Tensor]:
     return flat
 
 
-def unflatten(flat: dict[str, torch.Tensor], where: Path) -> BankTensors:
+def unflatten(flat: dict, where: Path) -> dict:
+    """Module name -> (its `.A` entry, its `.B` entry): tensors, or their shapes."""
     modules = sorted({key.rsplit(".", 1)[0] for key in flat})
     try:
         return {m: (flat[f"{m}.A"], flat[f"{m}.B"]) for m in modules}
@@ -93,9 +119,24 @@ def write_bank(directory: Path, tensors: BankTensors, metadata: dict) -> None:
     """Write a bank's files into `directory` (a staging directory: the store renames it into place)."""
     directory.mkdir(parents=True)
     weights = directory / WEIGHTS_FILE
-    save_file(flatten(tensors), str(weights))
+    try:
+        save_file(flatten(tensors), str(weights))
+    except SafetensorError as exc:
+        # safetensors reports I/O failures (disk full, read-only) as its own error, not as OSError.
+        raise OSError(errno.EIO, one_line(str(exc), 160)) from None
     _fsync(weights)
     write_yaml(directory / META_FILE, {**metadata, "weights_sha256": sha256_file(weights)})
+
+
+def copy_bank(source: Bank, directory: Path, metadata: dict) -> None:
+    """Copy `source`'s weights byte for byte into `directory` (a staging directory), checked against their recorded hash."""
+    directory.mkdir(parents=True)
+    weights = directory / WEIGHTS_FILE
+    with contextlib.suppress(FileNotFoundError):  # a missing source file is reported as a corrupt bank just below
+        shutil.copyfile(source.path / WEIGHTS_FILE, weights)
+    digest = source.verified_hash(weights)
+    _fsync(weights)
+    write_yaml(directory / META_FILE, {**metadata, "weights_sha256": digest})
 
 
 def _fsync(path: Path) -> None:

@@ -11,11 +11,18 @@ from moram_cli.store.yamlio import read_yaml, write_yaml
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "store.yaml"
+# moram; lora: one PEFT LoRA adapter trained on task after task (SeqLoRA); inclora: a new LoRA per task, old ones
+# frozen, all summed without a gate (IncLoRA). The two baselines share the store, training and evaluation code.
+METHODS = ("moram", "lora", "inclora")
 
 
 @dataclass
 class AdapterSettings:
-    """The MoRAM hyper-parameters, fixed for the life of a store."""
+    """The adapter's hyper-parameters, fixed for the life of a store.
+
+    k, temperature and threshold configure MoRAM's gate; `lora_alpha` is set
+    for method lora only (its output is scaled by lora_alpha / r).
+    """
 
     r: int = 8
     k: int = 4
@@ -23,11 +30,19 @@ class AdapterSettings:
     threshold: float = 0.0
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj"])
+    lora_alpha: float | None = None
 
 
 @dataclass
 class TrainingSettings:
-    """Defaults for `learn-task`; each can be overridden by a flag on the command."""
+    """Defaults for `learn-task`; each can be overridden by a flag on the command.
+
+    `batch_size` is the global batch of one optimiser step, whatever the
+    number of processes and `grad_accum` steps it is split into. `precision`
+    "auto" is bf16 autocast on a GPU that supports it, fp32 elsewhere.
+    `max_steps` (None: no limit) caps the steps `epochs` asks for;
+    `checkpoint_every` steps (0: never) the resume data is saved.
+    """
 
     epochs: float = 1.0
     lr: float = 2e-3
@@ -36,6 +51,11 @@ class TrainingSettings:
     seed: int = 0
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
+    grad_accum: int = 1
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None
+    checkpoint_every: int = 50
 
 
 @dataclass

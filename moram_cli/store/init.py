@@ -10,17 +10,21 @@ from moram_cli import __version__
 from moram_cli.errors import MoramError
 from moram_cli.models.loading import DTYPES
 from moram_cli.models.reference import resolve_base_model
-from moram_cli.store.config import AdapterSettings, StoreConfig, TrainingSettings, _settings
+from moram_cli.store.config import METHODS, AdapterSettings, StoreConfig, TrainingSettings, _settings
 from moram_cli.store.store import MemoryStore
 from moram_cli.store.yamlio import read_yaml
 
 
-def init_store(store_path: Path, base_model: str | None = None, recipe: Path | None = None, dtype: str | None = None, **overrides) -> dict:
+def init_store(
+    store_path: Path, base_model: str | None = None, recipe: Path | None = None, dtype: str | None = None,
+    method: str | None = None, trust_remote_code: bool = False, **overrides,
+) -> dict:
     """Create the store at `store_path`; returns its config as a dict.
 
     Settings come from the built-in defaults, then the `recipe` YAML
     (sections `adapter:` and `training:`), then `overrides` (any
     AdapterSettings or TrainingSettings field; None keeps the value).
+    `method` is moram (default), or one of the baselines lora and inclora.
     """
     if store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
         raise MoramError(f"{store_path}: already exists and is not empty; choose a new store directory or remove it first")
@@ -34,9 +38,13 @@ def init_store(store_path: Path, base_model: str | None = None, recipe: Path | N
     dtype = dtype or "float32"
     if dtype not in DTYPES:
         raise MoramError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    method = method or "moram"
+    if method not in METHODS:
+        raise MoramError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    adapter = _method_adapter(adapter, method)
     _check_adapter(adapter)
     config = StoreConfig(
-        base_model=resolve_base_model(base_model), adapter=adapter, training=training, dtype=dtype,
+        base_model=resolve_base_model(base_model, trust_remote_code), adapter=adapter, training=training, method=method, dtype=dtype,
         tool_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     MemoryStore.create(store_path, config)
@@ -56,3 +64,15 @@ def _recipe_settings(recipe: Path | None) -> tuple[AdapterSettings, TrainingSett
 def _check_adapter(a: AdapterSettings) -> None:
     if a.r < 1 or a.k < 1 or a.temperature <= 0 or not 0 <= a.dropout < 1 or a.threshold < 0:
         raise MoramError("invalid adapter settings: need r >= 1, k >= 1, temperature > 0, 0 <= dropout < 1, threshold >= 0")
+
+
+def _method_adapter(a: AdapterSettings, method: str) -> AdapterSettings:
+    """LoRA's alpha defaults to r: a scaling of 1, as MoRAM and IncLoRA apply, so the methods differ only in how ranks combine."""
+    if method != "lora":
+        if a.lora_alpha is not None:
+            raise MoramError(f"lora_alpha applies to --method lora only, not {method}; remove it from the recipe")
+        return a
+    alpha = float(a.r) if a.lora_alpha is None else a.lora_alpha
+    if alpha <= 0:
+        raise MoramError(f"invalid adapter settings: lora_alpha must be > 0, got {alpha}")
+    return replace(a, lora_alpha=alpha)

@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
 from moram_cli import __version__
-from moram_cli.data.batching import collate
-from moram_cli.data.encode import Encoded, encode_dataset
+from moram_cli.data.encode import encode_dataset
 from moram_cli.data.jsonl import read_examples
 from moram_cli.errors import MoramError
+from moram_cli.evaluation.continual import accuracy_row, measure_before_learning
 from moram_cli.evaluation.evaluate import evaluate_examples
 from moram_cli.models.fingerprint import sha256_file
 from moram_cli.models.memory import build_memory_model
 from moram_cli.store import MemoryStore, TrainingSettings
-from moram_cli.training.loss import completion_loss
-from moram_cli.training.progress import training_progress
-from moram_cli.training.sampler import BucketBatchSampler
-
+from moram_cli.store.bank import BankTensors, check_task_name
+from moram_cli.store.lock import lock_message, stale_lock
+from moram_cli.training.checkpoint import (
+    Checkpoint, ResumeData, check_resumable, checkpoint_to_resume, finished_bank, latest_step_dir, remove_resume_data,
+    resume_dir, run_identity,
+)
+from moram_cli.training.distributed import (
+    BatchSplit, batch_split, gathered_ranks, main_process_lock, make_accelerator, on_main, resolve_precision, uses_deepspeed,
+)
+from moram_cli.training.loop import TrainingLoop
 
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def default_task_name(data: Path) -> str:
@@ -45,90 +49,150 @@ def learn_task(
     name: str | None = None,
     eval_data: Path | None = None,
     show_progress: bool = True,
+    break_lock: bool = False,
+    resume: bool = False,
+    trust_remote_code: bool = False,
     **overrides,
 ) -> dict:
     """Train `r` new ranks per adapted module on `data` and append them to the store as a bank.
 
-    `overrides` are TrainingSettings fields (epochs, lr, batch_size,
-    max_length, seed, weight_decay); None keeps the store's default. Returns
-    the summary that `--json` prints.
+    `overrides` are TrainingSettings fields (epochs, lr, batch_size, ...);
+    None keeps the store's default. Runs on every process `accelerate launch`
+    started; only the main process writes. The store's writer lock is held
+    throughout; `break_lock` first clears a stale one. `resume` continues the
+    task's interrupted run from its last checkpoint, with its settings, and
+    clears its lock when its process is gone from this machine. Returns the
+    summary that `--json` prints.
     """
+    store, name, checkpoint, settings = _run_plan(store_path, data, name, resume, overrides)
+    accelerator = make_accelerator(settings)
+    if checkpoint and uses_deepspeed(accelerator):
+        raise MoramError("--resume does not work under DeepSpeed: its sharded optimiser state has no format but DeepSpeed's "
+                         "pickles, which moram never writes; rerun without --resume")
+    split = batch_split(settings, accelerator.num_processes)
+    with main_process_lock(accelerator, store.path, break_lock or (resume and stale_lock(store.path))):
+        return _learn(store, accelerator, data, name=name, eval_data=eval_data, show_progress=show_progress,
+                      trust_remote_code=trust_remote_code, settings=settings, split=split, checkpoint=checkpoint)
+
+
+def check_before_launch(
+    store_path: Path, data: Path, processes: int, *, name: str | None = None, eval_data: Path | None = None,
+    break_lock: bool = False, resume: bool = False, trust_remote_code: bool = False, **overrides,
+) -> None:
+    """Fail now, in one line, where `processes` launched processes would each fail at once (followed by the launcher's report)."""
+    store, name, _, settings = _run_plan(store_path, data, name, resume, overrides)
+    batch_split(settings, processes)
+    for path in (data, eval_data) if eval_data else (data,):
+        read_examples(path, allow_text=path == data)
+    locked = lock_message(store.path)
+    if locked and not break_lock and not (resume and stale_lock(store.path)):
+        raise MoramError(locked)
+
+
+def _run_plan(store_path: Path, data: Path, name: str | None, resume: bool, overrides: dict
+              ) -> tuple[MemoryStore, str, Checkpoint | None, TrainingSettings]:
+    """The store, task name, checkpoint to resume (or None) and settings of a run: a resumed run keeps its own settings."""
     store = MemoryStore.open(store_path)
-    name = name or default_task_name(data)
+    name = check_task_name(name or default_task_name(data))
+    checkpoint = checkpoint_to_resume(store.path, name) if resume else None
+    base = checkpoint.settings() if checkpoint else store.config.training
+    return store, name, checkpoint, checked_settings(replace(base, **{k: v for k, v in overrides.items() if v is not None}))
+
+
+def _learn(
+    store: MemoryStore, accelerator: Accelerator, data: Path, *, name: str, eval_data: Path | None,
+    show_progress: bool, trust_remote_code: bool, settings: TrainingSettings, split: BatchSplit, checkpoint: Checkpoint | None,
+) -> dict:
+    """`learn_task` once the store is locked."""
+    finished = finished_bank(store, checkpoint) if checkpoint else None
+    if finished is not None:
+        on_main(accelerator, lambda: remove_resume_data(checkpoint.directory))
+        return {**finished.metadata(), "bank": str(finished.path)}
     store.check_new_task(name)
-    settings = checked_settings(replace(store.config.training, **{k: v for k, v in overrides.items() if v is not None}))
     examples = read_examples(data)
     eval_examples = read_examples(eval_data, allow_text=False) if eval_data else None
+    data_sha256 = sha256_file(data)
+    resume = _resume_data(store, accelerator, run_identity(name, data_sha256, accelerator.num_processes, store.banks(), settings),
+                          settings, checkpoint)
     started = time.time()
-    accelerator = Accelerator()
     torch.manual_seed(settings.seed)
-    model, tokenizer = build_memory_model(store)
-    params = model.add_task_ranks(store.config.adapter.r, settings.seed)
+    model, tokenizer = build_memory_model(store, trust_remote_code=trust_remote_code)
+    baseline = measure_before_learning(store, model, tokenizer, eval_data, eval_examples, settings.max_length)
+    params = model.add_task_ranks(store.config.adapter.r, rank_init_seed(settings.seed, len(store.banks())))
     encoded, n_cut = encode_dataset(examples, tokenizer, settings.max_length)
-    losses, tokens = _train(accelerator, model, params, encoded, tokenizer.pad_token_id, settings, show_progress)
+    precision = resolve_precision(settings.precision, accelerator)
+    loop = TrainingLoop(accelerator, model, params, encoded, tokenizer.pad_token_id, settings, split, precision)
+    state = loop.run(show_progress, resume, checkpoint)
     summary = {
-        "task": name, "data": str(data), "data_sha256": sha256_file(data), "examples": len(examples),
+        "task": name, "data": str(data), "data_sha256": data_sha256, "examples": len(examples),
         "truncated_examples": n_cut, "new_ranks_per_module": store.config.adapter.r,
         "trainable_parameters": sum(p.numel() for p in params), "hyperparameters": asdict(settings),
-        "steps": len(losses), "tokens": tokens, "loss": _loss_summary(losses),
+        "batch": split.to_dict(), "precision": precision,
+        "steps": len(state.losses), "tokens": state.tokens, "loss": _loss_summary(state.losses),
     }
+    if checkpoint is not None:
+        summary["resumed_from_step"] = checkpoint.step
     if eval_examples is not None:
         model.eval()
         result = evaluate_examples(model, tokenizer, eval_examples, eval_data, max_length=settings.max_length)
         summary["eval"] = {"data": str(eval_data), "data_sha256": sha256_file(eval_data), **result}
+        summary |= accuracy_row(store, model, tokenizer, summary, baseline, settings.max_length)
     summary |= {"wall_seconds": round(time.time() - started, 1), "tool_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if accelerator.is_main_process:
-        summary["bank"] = str(store.add_bank(name, accelerator.unwrap_model(model).task_ranks(), summary).path)
-    accelerator.wait_for_everyone()
+    ranks = gathered_ranks(accelerator, loop.model, params)
+    summary["bank"] = on_main(accelerator, lambda: _write_bank(store, name, ranks, summary))
     return summary
+
+
+def _resume_data(store: MemoryStore, accelerator: Accelerator, run: dict, settings: TrainingSettings,
+                 checkpoint: Checkpoint | None) -> ResumeData | None:
+    """Where this run's checkpoints go (None under DeepSpeed: no checkpoints), once it may resume or start."""
+    directory = resume_dir(store.path, run["task"])
+    if checkpoint is not None:
+        check_resumable(checkpoint, run)
+    elif latest_step_dir(directory) is not None:
+        raise MoramError(f"{directory}: holds an interrupted run of task {run['task']!r}; continue it with --resume, "
+                         "or delete that directory to start over")
+    return None if uses_deepspeed(accelerator) else ResumeData(directory, run, asdict(settings))
+
+
+def _write_bank(store: MemoryStore, name: str, ranks: BankTensors, summary: dict) -> str:
+    """Append the bank, then drop the run's resume data: from here on the bank is the result."""
+    bank = store.add_bank(name, ranks, summary)
+    remove_resume_data(resume_dir(store.path, name))
+    return str(bank.path)
+
+
+def rank_init_seed(seed: int, task_index: int) -> int:
+    """The seed of task `task_index`'s fresh keys.
+
+    Every task draws different keys: with the bare seed, the new keys of task
+    t would start as copies of task 1's initial keys and compete with them for
+    the very tokens those were trained on, which measurably increased forgetting.
+    """
+    return seed * 1_000_003 + task_index
+
+
+SETTING_RULES = (
+    ("epochs", lambda s: s.epochs > 0, "> 0"),
+    ("lr", lambda s: s.lr > 0, "> 0"),
+    ("batch_size", lambda s: s.batch_size >= 1, ">= 1"),
+    ("max_length", lambda s: s.max_length >= 2, ">= 2"),
+    ("weight_decay", lambda s: s.weight_decay >= 0, ">= 0"),
+    ("lr_schedule", lambda s: s.lr_schedule in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
+    ("grad_accum", lambda s: s.grad_accum >= 1, ">= 1"),
+    ("precision", lambda s: s.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    ("max_steps", lambda s: s.max_steps is None or s.max_steps >= 1, ">= 1 (or none)"),
+    ("checkpoint_every", lambda s: s.checkpoint_every >= 0, ">= 0 (0: never)"),
+)
 
 
 def checked_settings(settings: TrainingSettings) -> TrainingSettings:
     """Refuse settings that cannot train, before the model is loaded."""
-    if settings.epochs <= 0 or settings.lr <= 0 or settings.batch_size < 1 or settings.max_length < 2 or settings.weight_decay < 0 \
-            or settings.lr_schedule not in LR_SCHEDULES:
-        raise MoramError(
-            f"invalid training settings (epochs={settings.epochs}, lr={settings.lr}, batch_size={settings.batch_size}, "
-            f"max_length={settings.max_length}, lr_schedule={settings.lr_schedule!r}); need epochs > 0, lr > 0, "
-            f"batch_size >= 1, max_length >= 2, lr_schedule one of {', '.join(LR_SCHEDULES)}"
-        )
+    for name, ok, need in SETTING_RULES:
+        if not ok(settings):
+            raise MoramError(f"invalid training settings: {name}={getattr(settings, name)!r}; need {need}")
     return settings
-
-
-def _train(accelerator: Accelerator, model, params, encoded: list[Encoded], pad_id: int, settings: TrainingSettings, show: bool):
-    """The optimisation loop; returns the per-step losses and the number of tokens seen."""
-    sampler = BucketBatchSampler([len(e.input_ids) for e in encoded], settings.batch_size, settings.seed)
-    loader = DataLoader(encoded, batch_sampler=sampler, collate_fn=partial(collate, pad_id=pad_id))
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    total = max(1, math.ceil(settings.epochs * len(loader)))
-    scheduler = lr_schedule(optimizer, settings.lr_schedule, total)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    losses, tokens, started = [], 0, time.time()
-    model.train()
-    with training_progress(show and accelerator.is_main_process) as progress:
-        bar = progress.add_task("training", total=total, loss=float("nan"), tps=0.0)
-        for epoch in range(math.ceil(total / len(loader))):
-            loader.set_epoch(epoch)
-            for batch in loader:
-                if len(losses) == total:
-                    break
-                loss = completion_loss(model, batch)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                tokens += int(batch["attention_mask"].sum())
-                progress.update(bar, advance=1, loss=losses[-1], tps=tokens / (time.time() - started))
-    return losses, tokens
-
-
-def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """"constant", or "cosine": half a cosine from the full rate down to zero at the last step."""
-    if kind == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def _loss_summary(losses: list[float]) -> dict:

@@ -1,26 +1,20 @@
-"""Length-bucketed batches that reshuffle every epoch."""
+"""Which examples each optimiser step trains on: length-bucketed global batches, reshuffled every epoch."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-
-from torch.utils.data import Sampler
 
 from moram_cli.data.batching import length_bucketed_batches
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of similar length (little padding on CPU), reshuffled per epoch via `set_epoch`."""
+class StepBatches:
+    """`batches[step]`: the global batch of an optimiser step, a function of the step alone (so a resumed run sees the same data)."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.epoch = 0
+        self.per_epoch = -(-len(lengths) // batch_size)
+        self._epoch, self._batches = -1, []
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(length_bucketed_batches(self.lengths, self.batch_size, self.seed + self.epoch))
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+    def __getitem__(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, length_bucketed_batches(self.lengths, self.batch_size, self.seed + epoch)
+        return self._batches[index]

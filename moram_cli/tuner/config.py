@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
+GATES = ("moram", "none")
+
 
 @dataclass
 class MoramConfig(PeftConfig):
@@ -14,8 +16,10 @@ class MoramConfig(PeftConfig):
     `r` new rank-1 experts are added to every target module per task; the gate
     keeps the `k` most relevant ranks (at least 2), sharpened by
     `temperature`; at inference a rank whose normalised score is below
-    `threshold` is switched off. `target_modules` uses PEFT's matching rules
-    (suffix names, a regex string, or "all-linear").
+    `threshold` is switched off. `gate="none"` drops the gate altogether, so
+    every rank adds its full `B A x` (the IncLoRA baseline on the same code
+    path). `target_modules` uses PEFT's matching rules (suffix names, a regex
+    string, or "all-linear").
     """
 
     r: int = 8
@@ -23,6 +27,7 @@ class MoramConfig(PeftConfig):
     temperature: float = 0.03
     threshold: float = 0.0
     dropout: float = 0.0
+    gate: str = "moram"
     target_modules: list[str] | str | None = field(default_factory=lambda: ["q_proj", "k_proj"])
     exclude_modules: list[str] | str | None = None
     target_parameters: list[str] | None = None
@@ -37,3 +42,5 @@ class MoramConfig(PeftConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -25,6 +26,9 @@ class MoramLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("moram_A", "moram_B")
     other_param_names = ("moram_A_frozen", "moram_B_frozen")
+    # Receives every gate `g` this layer computes; set only while gate statistics are collected
+    # (see moram_cli.inspection.gates), so the ordinary forward pass pays one `is None` test.
+    gate_observer: Callable[[torch.Tensor], None] | None = None
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoramConfig) -> None:
         super().__init__()
@@ -80,10 +84,16 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         h = self.dropout(x).to(A_parts[0].dtype)
         z_parts = [F.linear(h, A) for A in A_parts]
         z = torch.cat(z_parts, dim=-1) if len(z_parts) > 1 else z_parts[0]
-        threshold = 0.0 if self.training else self.config.threshold
-        weighted = rank_gate(z, self.config.k, self.config.temperature, threshold) * z
+        weighted = self._gated(z) if self.config.gate == "moram" else z
         outputs = [F.linear(w, B) for w, B in zip(weighted.split([B.shape[1] for B in B_parts], dim=-1), B_parts)]
         return result + sum(outputs).to(result.dtype)
+
+    def _gated(self, z: torch.Tensor) -> torch.Tensor:
+        threshold = 0.0 if self.training else self.config.threshold
+        g = rank_gate(z, self.config.k, self.config.temperature, threshold)
+        if self.gate_observer is not None:
+            self.gate_observer(g)
+        return g * z
 
     def __repr__(self) -> str:
         return f"moram.{super().__repr__()}"

@@ -1,0 +1,288 @@
+"""The standard continual-learning benchmark end to end on CPU: MoRAM against SeqLoRA, IncLoRA, multi-task LoRA and zero-shot.
+
+Protocol (the text-classification benchmark of O-LoRA and the MoRAM paper):
+every method learns the tasks of one order with the same data, seeds and
+training budget; after each task, every task learned so far is scored on its
+test set (the accuracy matrix of `moram eval --suite cl`). Learning rates
+(and MoRAM's temperature, k and threshold) are tuned per method on a dev
+split carved from each training file, never from a test file, with the same
+budget per trial. Every stage's result is cached as JSON in the work
+directory, so a rerun resumes where the last one stopped.
+
+    python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 300 train / 150 test
+    python bench/cl_benchmark.py --order dbpedia,amazon --n-train 100 --no-tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from moram_cli import __version__
+from moram_cli.errors import MoramError
+from moram_cli.evaluation.cl_metrics import shown
+from moram_cli.evaluation.continual import continual_report
+from moram_cli.evaluation.evaluate import evaluate_store
+from moram_cli.markdown import markdown_table
+from moram_cli.store import MemoryStore
+from moram_cli.store.init import init_store
+from moram_cli.training.learn import learn_task
+
+REPO = Path(__file__).resolve().parents[1]
+SEQUENTIAL = ("moram", "lora", "inclora")
+LR_GRIDS = {"moram": [1e-3, 2e-3, 5e-3], "lora": [2e-4, 5e-4, 1e-3], "inclora": [2e-4, 5e-4, 1e-3], "mtl": [2e-4, 5e-4, 1e-3]}
+# What defines a run: a work directory holding stages of another run is refused rather than mixed in.
+RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "epochs", "batch_size", "max_length", "seed")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks-dir", type=Path, default=REPO.parent / "shared" / "data" / "cl-benchmark",
+                   help="folder of <task>/{train,test}.jsonl + labels.json (the CL benchmark pack's layout)")
+    p.add_argument("--order", default="dbpedia,amazon,yelp,agnews", help="comma-separated task order")
+    p.add_argument("--methods", default="moram,lora,inclora,mtl", help="any of moram, lora, inclora, mtl; zero-shot always runs")
+    p.add_argument("--base-model", default=None, help="as for moram init; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--n-train", type=int, default=300, help="training examples per task (the head of its train.jsonl)")
+    p.add_argument("--n-dev", type=int, default=50, help="dev examples per task for tuning, the lines after the training ones")
+    p.add_argument("--n-test", type=int, default=150, help="test examples per task (the head of its test.jsonl)")
+    p.add_argument("--r", type=int, default=8, help="ranks per task (moram, inclora); lora and mtl get r x tasks, the same total rank")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR,LR", help=f"learning rates to try; defaults {LR_GRIDS}")
+    p.add_argument("--temperature-grid", default="0.03", help="MoRAM temperatures to try")
+    p.add_argument("--k-grid", default="4", help="MoRAM activation budgets to try")
+    p.add_argument("--threshold-grid", default="0", help="MoRAM inference thresholds to try")
+    p.add_argument("--tune-tasks", type=int, default=2, help="tune on the first N tasks of the order (their dev splits)")
+    p.add_argument("--no-tune", action="store_true", help="skip tuning: take the first value of every grid")
+    p.add_argument("--work-dir", type=Path, default=REPO / "bench" / "work", help="stores, data samples and cached stages")
+    p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def grids(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """The settings each method tries: its learning rates, and for MoRAM every temperature, k and threshold with them."""
+    lrs = dict(LR_GRIDS)
+    for spec in args.lr_grid:
+        method, _, values = spec.partition("=")
+        if method not in LR_GRIDS:
+            raise MoramError(f"--lr-grid {spec}: name one of {', '.join(LR_GRIDS)} before the '='")
+        lrs[method] = _floats(values)
+    moram = itertools.product(lrs["moram"], _floats(args.temperature_grid), _floats(args.k_grid), _floats(args.threshold_grid))
+    out = {m: [{"lr": lr} for lr in lrs[m]] for m in ("lora", "inclora", "mtl")}
+    out["moram"] = [{"lr": lr, "temperature": t, "k": int(k), "threshold": d} for lr, t, k, d in moram]
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+class Benchmark:
+    """One run: its data samples, stores and cached stage results live under `args.work_dir`."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.work = args, args.work_dir
+        self.order = args.order.split(",")
+        self.methods = args.methods.split(",")
+        unknown = set(self.methods) - set(LR_GRIDS)
+        if unknown:
+            raise MoramError(f"--methods: unknown method {sorted(unknown)[0]!r}; use any of {', '.join(LR_GRIDS)}")
+        self.wall: dict[str, float] = {}
+
+    def stage(self, name: str, compute) -> dict:
+        """`compute(store_dir)`'s result, from the cache when this stage finished before; a half-done store is started over."""
+        cached = self.work / "stages" / f"{name}.json"
+        if cached.is_file():
+            result = json.loads(cached.read_text())
+        else:
+            store = self.work / "stores" / name
+            shutil.rmtree(store, ignore_errors=True)
+            store.parent.mkdir(parents=True, exist_ok=True)
+            _say(self.args, f"stage {name}")
+            started = time.time()
+            result = compute(store) | {"wall_seconds": round(time.time() - started, 1)}
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(result, indent=1))
+        self.wall[name] = result["wall_seconds"]
+        return result
+
+    def data(self, task: str, split: str) -> Path:
+        return self.work / "data" / task / f"{split}.jsonl"
+
+    def store_settings(self, method: str, setting: dict) -> dict:
+        a = self.args
+        r = a.r if method in ("moram", "inclora") else a.r * len(self.order)
+        gate = {k: setting[k] for k in ("temperature", "k", "threshold") if k in setting}
+        return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r, "lr": setting["lr"],
+                "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length, "seed": a.seed, **gate}
+
+    def sequence(self, store: Path, method: str, setting: dict, tasks: list[str], split: str) -> dict:
+        """Learn `tasks` in order, each scored with its `split` file; the accuracy matrix and its metrics."""
+        init_store(store, **self.store_settings(method, setting))
+        for task in tasks:
+            learn_task(store, self.data(task, "train"), name=task, eval_data=self.data(task, split), show_progress=not self.args.quiet)
+        report = continual_report(store)
+        return {"setting": setting, "matrix": report["matrix"], "avg_acc": report["average_accuracy"]["value"],
+                "bwt": report["bwt"]["value"], "fwt": report["fwt"]["value"], "forgetting": report["forgetting"]}
+
+    def multitask(self, store: Path, setting: dict, tasks: list[str], split: str) -> dict:
+        """One LoRA adapter with the total rank of the sequence, trained once on the shuffled union of the tasks' training data."""
+        init_store(store, **self.store_settings("mtl", setting))
+        union = self.work / "data" / f"union-{'-'.join(tasks)}.jsonl"
+        lines = [line for task in tasks for line in self.data(task, "train").read_text(encoding="utf-8").splitlines()]
+        random.Random(self.args.seed).shuffle(lines)
+        union.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        learn_task(store, union, name="mtl", show_progress=not self.args.quiet)
+        per_task = [self.accuracy(store, task, split) for task in tasks]
+        return {"setting": setting, "per_task": per_task, "avg_acc": sum(per_task) / len(per_task)}
+
+    def accuracy(self, store: Path, task: str, split: str, base_only: bool = False) -> float:
+        return evaluate_store(store, self.data(task, split), base_only=base_only, show_progress=not self.args.quiet)["accuracy"]
+
+    def zero_shot(self, store: Path) -> dict:
+        init_store(store, base_model=self.args.base_model)
+        per_task = [self.accuracy(store, task, "test", base_only=True) for task in self.order]
+        model = MemoryStore.open(store).config.base_model.source
+        return {"per_task": per_task, "avg_acc": sum(per_task) / len(per_task), "model": model}
+
+    def run(self, method: str, setting: dict, tasks: list[str], split: str) -> dict:
+        phase = "final" if split == "test" else "tune"
+        name = f"{phase}-{method}-" + "-".join(f"{k}{v:g}" for k, v in setting.items())
+        if method == "mtl":
+            return self.stage(name, lambda store: self.multitask(store, setting, tasks, split))
+        return self.stage(name, lambda store: self.sequence(store, method, setting, tasks, split))
+
+    def tune(self, method: str, candidates: list[dict]) -> dict:
+        """Every candidate on the first tasks' dev splits; the best final average dev accuracy wins (the earlier on a tie)."""
+        if self.args.no_tune:
+            return {"chosen": candidates[0], "trials": []}
+        tasks = self.order[: self.args.tune_tasks]
+        trials = [{"setting": s, "dev_avg_acc": self.run(method, s, tasks, "dev")["avg_acc"]} for s in candidates]
+        best = max(trials, key=lambda t: t["dev_avg_acc"])
+        return {"chosen": best["setting"], "trials": trials, "tasks": tasks}
+
+
+def prepare_data(args: argparse.Namespace, order: list[str]) -> None:
+    """Per task: train = the first n_train lines of train.jsonl, dev = the n_dev after them, test = the first n_test of test.jsonl.
+
+    The pack's files are class-balanced by round robin, so these slices stay
+    close to balanced; labels.json goes beside them for ranked-choice scoring.
+    """
+    for task in order:
+        source, target = args.tasks_dir / task, args.work_dir / "data" / task
+        train = _lines(source / "train.jsonl")
+        test = _lines(source / "test.jsonl")
+        if len(train) < args.n_train + args.n_dev or len(test) < args.n_test:
+            raise MoramError(f"{source}: has {len(train)} train / {len(test)} test lines; --n-train + --n-dev and --n-test ask for more")
+        target.mkdir(parents=True, exist_ok=True)
+        for split, lines in (("train", train[: args.n_train]), ("dev", train[args.n_train: args.n_train + args.n_dev]), ("test", test[: args.n_test])):
+            (target / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        shutil.copyfile(source / "labels.json", target / "labels.json")
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise MoramError(f"{path}: missing; --tasks-dir needs <task>/train.jsonl, test.jsonl and labels.json per task")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check_work_dir(args: argparse.Namespace) -> None:
+    """Refuse to resume a work directory that holds a run with other data, model or budget."""
+    run = {key: str(getattr(args, key)) for key in RUN_KEYS}
+    marker = args.work_dir / "run.json"
+    if marker.is_file() and json.loads(marker.read_text()) != run:
+        raise MoramError(f"{marker}: the work directory holds a run with other settings; pass another --work-dir or remove it")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(run, indent=1))
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Run (or resume) every stage; returns the results record."""
+    check_work_dir(args)
+    bench = Benchmark(args)
+    prepare_data(args, bench.order)
+    candidates, tuning, methods = grids(args), {}, {}
+    for method in bench.methods:
+        tuning[method] = bench.tune(method, candidates[method])
+        final = bench.run(method, tuning[method]["chosen"], bench.order, "test")
+        methods[method] = {k: final[k] for k in (("avg_acc", "per_task") if method == "mtl" else ("matrix", "avg_acc", "bwt", "fwt", "forgetting"))}
+    zero = bench.stage("zero-shot", bench.zero_shot)
+    methods["zero_shot"] = {"per_task": zero["per_task"], "avg_acc": zero["avg_acc"]}
+    settings = {key: getattr(args, key) for key in ("r", "epochs", "batch_size", "max_length", "seed", "n_dev")}
+    settings |= {"tasks_dir": str(args.tasks_dir), "tool_version": __version__}
+    settings |= {"lora_rank": args.r * len(bench.order), "grids": {m: candidates[m] for m in bench.methods}, "tuning": tuning,
+                 "chosen": {m: t["chosen"] for m, t in tuning.items()}, "stage_wall_seconds": bench.wall}
+    return {"model": zero["model"], "order": bench.order, "n_train": args.n_train, "n_test": args.n_test, "settings": settings,
+            "wall_seconds": round(sum(bench.wall.values()), 1), "methods": methods}
+
+
+def markdown_report(result: dict) -> str:
+    """A summary table (one row per method: average accuracy, BWT, FWT, final accuracy per task) and each method's matrix."""
+    order, methods = result["order"], result["methods"]
+    rows = []
+    for name, m in methods.items():
+        final = m["matrix"][-1] if "matrix" in m else m["per_task"]
+        rows.append([name, shown(m["avg_acc"]), shown(m.get("bwt")), shown(m.get("fwt")), *map(shown, final)])
+    parts = [markdown_table(["method", "avg acc", "BWT", "FWT", *order], rows)]
+    for name, m in methods.items():
+        if "matrix" in m:
+            matrix = [[f"after {order[i]}", *map(shown, row), *[""] * (len(order) - len(row))] for i, row in enumerate(m["matrix"])]
+            parts.append(f"{name}: accuracy on each task (columns) after each task (rows)\n\n" + markdown_table(["", *order], matrix))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Accuracy on each task over the sequence, one panel per task and one line per sequential method; MTL and zero-shot dashed."""
+    from matplotlib.figure import Figure
+
+    order, methods = result["order"], result["methods"]
+    figure = Figure(figsize=(3.2 * len(order), 3.2), layout="constrained")
+    for j, ax in enumerate(figure.subplots(1, len(order), squeeze=False)[0]):
+        for name, m in methods.items():
+            if "matrix" in m:
+                ax.plot(range(j + 1, len(order) + 1), [row[j] for row in m["matrix"][j:]], marker="o", label=name)
+            else:
+                ax.axhline(m["per_task"][j], linestyle="--", color="grey" if name == "zero_shot" else "black", label=name)
+        ax.set(title=order[j], xlabel="after task", ylim=(0, 1), xticks=range(1, len(order) + 1))
+    figure.axes[0].set_ylabel("accuracy")
+    figure.axes[-1].legend(fontsize="small")
+    figure.savefig(path)
+
+
+def write_results(result: dict, results_dir: Path) -> list[Path]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    paths = [results_dir / f"cl-benchmark.{suffix}" for suffix in ("json", "md", "png")]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    paths[1].write_text(markdown_report(result))
+    plot(result, paths[2])
+    return paths
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = benchmark(args)
+    except MoramError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in write_results(result, args.results_dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""`merge_stores`: one new store holding the banks of several, each with its provenance."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from moram_cli import __version__
+from moram_cli.data.jsonl import Example, read_examples
+from moram_cli.errors import MoramError
+from moram_cli.store.bank import Bank
+from moram_cli.store.config import StoreConfig
+from moram_cli.store.prune import prune_store
+from moram_cli.store.store import MemoryStore
+
+# What every source must share with the first: the model the banks plug into and the gate that mixes them.
+# r (only sizes future tasks), threshold, dropout, dtype and training defaults may differ; the first source's win.
+MUST_MATCH = {
+    "base-model fingerprint": lambda c: c.base_model.fingerprint,
+    "target modules": lambda c: sorted(c.adapter.target_modules) if isinstance(c.adapter.target_modules, list) else c.adapter.target_modules,
+    "gate budget k": lambda c: c.adapter.k,
+    "gate temperature": lambda c: c.adapter.temperature,
+    "method": lambda c: c.method,
+}
+
+Planned = tuple[MemoryStore, Bank, str]
+
+
+def merge_stores(
+    out: Path,
+    sources: list[Path],
+    *,
+    tasks: list[str] | None = None,
+    prune_below: float | None = None,
+    data: Path | None = None,
+    eval_data: Path | None = None,
+    show_progress: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Write a new store at `out` with the banks of `sources` (or those of `tasks`), in source order.
+
+    The store is built in a staging directory next to `out` and renamed into
+    place when complete; the sources are only read. With `prune_below`, ranks
+    holding less than that share of their module's gate mass on `data` are
+    dropped, and `eval_data` is scored before and after.
+    """
+    stores = [MemoryStore.open(path) for path in sources]
+    for other in stores[1:]:
+        check_mergeable(stores[0], other)
+    plan, duplicates = merge_plan(stores, tasks)
+    calibration, evaluation = _prune_inputs(prune_below, data, eval_data)
+    config = merged_config(stores[0].config)
+    with MemoryStore.building(out, config) as merged:
+        copies = [(bank, _copy(merged, store, bank, name)) for store, bank, name in plan]
+        _check_shapes(copies)
+        pruning = {}
+        if prune_below is not None:
+            pruning["prune"] = prune_store(merged, prune_below, data, calibration, evaluation, show_progress, trust_remote_code)
+    return {
+        "store": str(out), "sources": [str(s.path.resolve()) for s in stores], "deduplicated": duplicates,
+        "banks": [{"bank": copy.path.name, "task": copy.name, "from": str(bank.path.resolve())} for bank, copy in copies],
+    } | pruning
+
+
+def check_mergeable(first: MemoryStore, other: MemoryStore) -> None:
+    for what, value in MUST_MATCH.items():
+        if value(other.config) != value(first.config):
+            raise MoramError(
+                f"{other.path}: {what} {value(other.config)} differs from {value(first.config)} in {first.path}; "
+                "only stores on the same base model with the same target modules, k, temperature and method can be merged"
+            )
+
+
+def merge_plan(stores: list[MemoryStore], tasks: list[str] | None) -> tuple[list[Planned], int]:
+    """The banks to copy, each with its name in the merged store, and how many were left out as duplicates.
+
+    A bank whose weights hash equals an earlier one's is stored once. A task
+    name already taken by a bank with other weights gets the first free
+    suffix: `name-2`, `name-3`, ...
+    """
+    picked = _picked(stores, tasks)
+    if not picked:
+        raise MoramError(f"{stores[0].path}: the source stores hold no banks; there is nothing to merge")
+    seen, names, plan = set(), set(), []
+    for store, bank in picked:
+        digest = bank.metadata().get("weights_sha256")
+        if digest not in seen:
+            seen.add(digest)
+            names.add(name := free_name(bank.name, names))
+            plan.append((store, bank, name))
+    return plan, len(picked) - len(plan)
+
+
+def free_name(name: str, taken: set[str]) -> str:
+    """`name`, or the first of `name-2`, `name-3`, ... not in `taken` (cut to stay within 64 characters)."""
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        suffix = f"-{number}"
+        candidate = name[: 64 - len(suffix)] + suffix
+    return candidate
+
+
+def merged_config(first: StoreConfig) -> StoreConfig:
+    return replace(first, tool_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _picked(stores: list[MemoryStore], tasks: list[str] | None) -> list[tuple[MemoryStore, Bank]]:
+    banks = [(store, bank) for store in stores for bank in store.banks()]
+    if tasks is None:
+        return banks
+    available = sorted({bank.name for _, bank in banks})
+    unknown = [task for task in tasks if task not in available]
+    if unknown:
+        raise MoramError(f"--tasks: no bank of task {unknown[0]!r} in the source stores; available: {', '.join(available) or 'none'}")
+    return [(store, bank) for store, bank in banks if bank.name in tasks]
+
+
+def _prune_inputs(below: float | None, data: Path | None, eval_data: Path | None) -> tuple[list[Example] | None, tuple[Path, list[Example]] | None]:
+    """The calibration examples and the (file, examples) to evaluate for --prune-below, read before any work."""
+    if below is None:
+        if data is not None or eval_data is not None:
+            raise MoramError("--data and --eval-data go with --prune-below; to evaluate a merged store run: moram eval OUT --data FILE")
+        return None, None
+    if not 0 < below < 1:
+        raise MoramError(f"--prune-below {below} is out of range; give a share of a module's gate mass between 0 and 1, e.g. 0.01")
+    if data is None:
+        raise MoramError("--prune-below needs --data: the calibration examples on which each rank's share of gate mass is measured")
+    evaluation = (eval_data, read_examples(eval_data, allow_text=False)) if eval_data is not None else None
+    return read_examples(data), evaluation
+
+
+def _copy(merged: MemoryStore, store: MemoryStore, bank: Bank, name: str) -> Bank:
+    provenance = {"store": str(store.path.resolve()), "index": bank.index, "name": bank.name}
+    return merged.copy_bank(bank, name, {**bank.metadata(), "merged_from": provenance})
+
+
+def _check_shapes(copies: list[tuple[Bank, Bank]]) -> None:
+    """Every bank must adapt the same modules with the same input and output sizes; rank counts may differ."""
+    sizes = [(source, {module: (A[1], B[0]) for module, (A, B) in copy.shapes().items()}) for source, copy in copies]
+    first, reference = sizes[0]
+    for source, found in sizes[1:]:
+        if found != reference:
+            odd = next(m for m in sorted(found.keys() | reference.keys()) if found.get(m) != reference.get(m))
+            raise MoramError(
+                f"{source.path}: module {odd} has (in, out) sizes {found.get(odd)}, but {reference.get(odd)} in {first.path}; "
+                "the bank was made for another base model and cannot be merged"
+            )

@@ -1,0 +1,74 @@
+"""`learn-task --launch`: run the same command again on several processes through `accelerate launch`.
+
+The way TRL's command line does it: the argument list minus the launch
+options, behind `python -m accelerate.commands.launch --config_file ...`.
+The launcher replaces this process, so its exit code is the command's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from moram_cli.errors import MoramError
+from moram_cli.store.yamlio import read_yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "launch"
+LAUNCH_OPTIONS = ("--launch", "--num-processes")
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def launch_config(recipe: str) -> Path:
+    """A shipped recipe by name (cpu-ddp, ddp, zero2, zero3), or an accelerate config file."""
+    shipped = RECIPES_DIR / f"{recipe}.yaml"
+    if shipped.is_file():
+        return shipped
+    if Path(recipe).is_file():
+        return Path(recipe)
+    raise MoramError(f"--launch {recipe}: no such launch recipe or file; the shipped recipes are {', '.join(shipped_recipes())}")
+
+
+def without_launch_options(args: list[str]) -> list[str]:
+    """`args` less `--launch X` and `--num-processes N` (also written `--launch=X`), so the processes do not launch again."""
+    kept, skip_value = [], False
+    for arg in args:
+        option = arg.split("=", 1)[0]
+        if not skip_value and option not in LAUNCH_OPTIONS:
+            kept.append(arg)
+        skip_value = arg in LAUNCH_OPTIONS
+    return kept
+
+
+def launch_argv(args: list[str], recipe: str, num_processes: int | None) -> list[str]:
+    """The `accelerate launch` command line that runs `moram <args>` on every process."""
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config(recipe))]
+    if num_processes is not None:
+        argv += ["--num_processes", str(num_processes)]
+    return [*argv, "-m", "moram_cli", *without_launch_options(args)]
+
+
+def relaunch(args: list[str], recipe: str | None, num_processes: int | None, check: Callable[[int], None]) -> NoReturn:
+    """Replace this process with `accelerate launch` running `moram <args>` under the recipe.
+
+    `check(processes)` first raises what the processes would each fail on.
+    """
+    if recipe is None:
+        raise MoramError("--num-processes needs --launch NAME|FILE (a launch recipe or an accelerate config file)")
+    config = read_yaml(launch_config(recipe), "launch config", "pass an accelerate config file, or a shipped recipe by name")
+    processes = config.get("num_processes", 1) if num_processes is None else num_processes
+    if not isinstance(processes, int) or processes < 1:
+        raise MoramError(f"--launch {recipe}: the process count is left open or below 1; pass --num-processes N (one per GPU)")
+    check(processes)
+    if config.get("use_cpu"):
+        # accelerate does not pass a config's use_cpu on to multi-process launches; the processes read this instead.
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    argv = launch_argv(args, recipe, num_processes)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)

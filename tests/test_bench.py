@@ -1,0 +1,63 @@
+"""A smoke run of bench/cl_benchmark.py on the tiny model and two tiny tasks: every stage, the outputs, and resuming."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import LABELS, tiny_task_rows
+
+SCRIPT = Path(__file__).parent.parent / "bench" / "cl_benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("cl_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tasks_dir(tmp_path, write_jsonl):
+    """Two tasks in the benchmark pack's layout: <task>/train.jsonl, test.jsonl, labels.json."""
+    for i, task in enumerate(("one", "two")):
+        write_jsonl(tmp_path / "tasks" / task / "train.jsonl", tiny_task_rows(16, seed=30 + i))
+        write_jsonl(tmp_path / "tasks" / task / "test.jsonl", tiny_task_rows(6, seed=40 + i))
+        (tmp_path / "tasks" / task / "labels.json").write_text(json.dumps(list(LABELS)))
+    return tmp_path / "tasks"
+
+
+def run(bench, tmp_path, tasks_dir, tiny_model_dir, *flags) -> dict:
+    argv = ["--tasks-dir", str(tasks_dir), "--order", "one,two", "--base-model", str(tiny_model_dir), "--n-train", "8",
+            "--n-dev", "4", "--n-test", "6", "--r", "2", "--batch-size", "4", "--work-dir", str(tmp_path / "work"),
+            "--results-dir", str(tmp_path / "results"), "--quiet", *flags]
+    assert bench.main(argv) == 0
+    return json.loads((tmp_path / "results" / "cl-benchmark.json").read_text())
+
+
+def test_the_benchmark_runs_every_method_and_resumes_from_its_stages(bench, tmp_path, tasks_dir, tiny_model_dir, monkeypatch):
+    result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--no-tune")
+    assert result["order"] == ["one", "two"] and (result["n_train"], result["n_test"]) == (8, 6)
+    methods = result["methods"]
+    assert set(methods) == {"moram", "lora", "inclora", "mtl", "zero_shot"}
+    for name in ("moram", "lora", "inclora"):
+        assert len(methods[name]["matrix"]) == 2 and len(methods[name]["matrix"][1]) == 2 and "bwt" in methods[name]
+    assert len(methods["mtl"]["per_task"]) == 2 and len(methods["zero_shot"]["per_task"]) == 2
+    assert result["settings"]["lora_rank"] == 4 and result["settings"]["chosen"]["moram"]["lr"] == 1e-3
+    assert "| method | avg acc | BWT | FWT | one | two |" in (tmp_path / "results" / "cl-benchmark.md").read_text()
+    assert (tmp_path / "results" / "cl-benchmark.png").stat().st_size > 0
+    monkeypatch.setattr(bench, "learn_task", lambda *a, **k: pytest.fail("a finished stage ran again"))
+    assert run(bench, tmp_path, tasks_dir, tiny_model_dir, "--no-tune")["methods"] == methods
+
+
+def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench, tmp_path, tasks_dir, tiny_model_dir):
+    result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--methods", "moram", "--lr-grid", "moram=1e-2,2e-2", "--tune-tasks", "1")
+    tuning = result["settings"]["tuning"]["moram"]
+    assert [t["setting"]["lr"] for t in tuning["trials"]] == [1e-2, 2e-2] and tuning["tasks"] == ["one"]
+    assert tuning["chosen"] in [t["setting"] for t in tuning["trials"]]
+    stages = [p.name for p in (tmp_path / "work" / "stages").iterdir()]
+    assert sum(name.startswith("tune-moram-") for name in stages) == 2 and "zero-shot.json" in stages

@@ -1,0 +1,233 @@
+"""learn-task on several processes: DDP over gloo, DeepSpeed ZeRO-2/3 on the CPU, and `--launch`.
+
+Two processes are started with `accelerate.notebook_launcher` (forked from
+this test process, so monkeypatches apply in them); learn-task's own
+Accelerator takes them up as it would under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from accelerate import PartialState, notebook_launcher
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file, save_file
+
+import moram_cli.training.learn as learn_module
+from moram_cli.errors import MoramError
+from moram_cli.store.bank import flatten
+from moram_cli.training.launch import RECIPES_DIR, launch_argv, relaunch, shipped_recipes
+from moram_cli.training.learn import learn_task
+from moram_cli.training.loop import Stopped
+
+# Each process sums its half of the batch before the processes add the halves: another order of float32
+# additions than one process summing the whole batch. Over six AdamW steps that stays below 1e-6.
+SPLIT_TOLERANCE = 1e-5
+SETTINGS = {"epochs": 2, "batch_size": 8, "lr": 1e-2}
+
+
+@pytest.fixture
+def gathered(tmp_path, monkeypatch):
+    """Every process saves the ranks it gathered for the bank, and what it held before gathering; returns the folder."""
+    folder = tmp_path / "gathered"
+    folder.mkdir()
+    real = learn_module.gathered_ranks
+
+    def record(accelerator, model, params):
+        held = {"distributed_type": str(accelerator.distributed_type), "elements_held": [p.data.numel() for p in params]}
+        ranks = real(accelerator, model, params)
+        save_file(flatten(ranks), str(folder / f"rank{accelerator.process_index}.safetensors"))
+        (folder / f"rank{accelerator.process_index}.json").write_text(json.dumps(held))
+        return ranks
+
+    monkeypatch.setattr(learn_module, "gathered_ranks", record)
+    return folder
+
+
+def on_two_processes(function, port: int) -> None:
+    """Run `function` on two CPU processes; the test process's own Accelerator state would stop the launcher."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    notebook_launcher(function, num_processes=2, use_port=str(port))
+
+
+def bank_of(store, name: str = "t") -> dict[str, torch.Tensor]:
+    return load_file(store / "banks" / f"001-{name}" / "weights.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def check_gathered(folder, store, reference, distributed_type: str) -> list[dict]:
+    """Both processes gathered the same ranks, the bank holds them, they were trained, and they match one process's run."""
+    ranks = [load_file(folder / f"rank{i}.safetensors") for i in range(2)]
+    bank = bank_of(store)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(ranks[0][k], bank[k]) for k in bank)
+    assert all(bank[k].abs().sum() > 0 for k in bank if k.endswith(".B"))
+    assert max_difference(bank, reference) < SPLIT_TOLERANCE
+    held = [json.loads((folder / f"rank{i}.json").read_text()) for i in range(2)]
+    assert {h["distributed_type"] for h in held} == {distributed_type}
+    return held
+
+
+def test_ddp_on_two_processes_matches_one_process(new_store, tiny_task, gathered):
+    reference = new_store("one")
+    assert learn_task(reference, tiny_task.train, name="t", show_progress=False, **SETTINGS)["batch"]["processes"] == 1
+    store = new_store("two")
+
+    def train():
+        summary = learn_task(store, tiny_task.train, name="t", show_progress=False, **SETTINGS)
+        assert summary["batch"] == {"global": 8, "processes": 2, "grad_accum": 1, "micro": 4}
+
+    on_two_processes(train, 29621)
+    check_gathered(gathered, store, bank_of(reference), "DistributedType.MULTI_CPU")
+    assert yaml.safe_load((store / "banks" / "001-t" / "bank.yaml").read_text())["batch"]["processes"] == 2
+
+
+def test_when_the_main_process_cannot_lock_the_store_every_process_stops_with_its_message(new_store, tiny_task, tmp_path):
+    store = new_store("locked")
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "2025-01-02T03:04:05+00:00", "command": "moram learn-task"}
+    (store / ".lock").write_text(yaml.safe_dump(holder))
+
+    def train():
+        with pytest.raises(MoramError) as refused:
+            learn_task(store, tiny_task.train, name="t", show_progress=False, **SETTINGS)
+        (tmp_path / f"refused{PartialState().process_index}").write_text(str(refused.value))
+
+    on_two_processes(train, 29627)
+    messages = {(tmp_path / f"refused{i}").read_text() for i in range(2)}
+    assert len(messages) == 1 and messages.pop().endswith("(moram learn-task); wait for it to finish")
+
+
+def test_a_stop_on_one_process_stops_both_and_they_resume_bitwise(new_store, tiny_task, tmp_path, monkeypatch):
+    import moram_cli.training.loop as loop
+
+    settings = SETTINGS | {"checkpoint_every": 2}
+    whole, store = new_store("whole"), new_store("stopped")
+    on_two_processes(lambda: learn_task(whole, tiny_task.train, name="t", show_progress=False, **settings), 29622)
+    calls, real = [0], loop.completion_loss
+
+    def ctrl_c_on_the_second_process(model, batch):
+        calls[0] += 1
+        if calls[0] == 4 and PartialState().process_index == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, batch)
+
+    def train_until_stopped():
+        with pytest.raises(Stopped, match="progress saved at step 4/6"):
+            learn_task(store, tiny_task.train, name="t", show_progress=False, **settings)
+        (tmp_path / f"stopped{PartialState().process_index}").touch()
+
+    monkeypatch.setattr(loop, "completion_loss", ctrl_c_on_the_second_process)
+    on_two_processes(train_until_stopped, 29623)
+    monkeypatch.setattr(loop, "completion_loss", real)
+    assert (tmp_path / "stopped0").exists() and (tmp_path / "stopped1").exists()
+    state = yaml.safe_load((store / ".staging" / "resume-t" / "step-00000004" / "state.yaml").read_text())
+    assert state["run"]["processes"] == 2 and len(state["rng"]) == 2
+    on_two_processes(lambda: learn_task(store, tiny_task.train, name="t", resume=True, show_progress=False), 29624)
+    assert all(torch.equal(a, b) for a, b in zip(bank_of(store).values(), bank_of(whole).values()))
+
+
+@pytest.fixture
+def deepspeed_env(monkeypatch):
+    """What `accelerate launch` with a DeepSpeed recipe puts in the processes' environment."""
+    pytest.importorskip("deepspeed")
+
+    def stage(zero_stage: int, config_file=None) -> None:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(zero_stage))
+        if config_file:
+            monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config_file))
+
+    return stage
+
+
+@pytest.mark.slow  # DeepSpeed compiles a communication op on its first run (~1 min); later runs take seconds
+def test_zero2_on_two_processes_writes_the_trained_bank(new_store, tiny_task, gathered, deepspeed_env):
+    reference = new_store("one")
+    learn_task(reference, tiny_task.train, name="t", show_progress=False, **SETTINGS)
+    store = new_store("zero2")
+    deepspeed_env(2)
+    on_two_processes(lambda: learn_task(store, tiny_task.train, name="t", show_progress=False, grad_accum=2, **SETTINGS), 29625)
+    check_gathered(gathered, store, bank_of(reference), "DistributedType.DEEPSPEED")
+    assert not (store / ".staging" / "resume-t").exists()
+
+
+@pytest.mark.slow
+def test_zero3_gathers_the_sharded_ranks_before_writing_the_bank(new_store, tiny_task, gathered, deepspeed_env, tmp_path):
+    reference = new_store("one")
+    learn_task(reference, tiny_task.train, name="t", show_progress=False, **SETTINGS)
+    store = new_store("zero3")
+    # Parameters this small are normally kept whole on every process; threshold 0 shards them like large ones.
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                  "train_batch_size": "auto"}))
+    deepspeed_env(3, config)
+    on_two_processes(lambda: learn_task(store, tiny_task.train, name="t", show_progress=False, grad_accum=2, **SETTINGS), 29626)
+    held = check_gathered(gathered, store, bank_of(reference), "DistributedType.DEEPSPEED")
+    assert all(elements == 0 for h in held for elements in h["elements_held"])
+
+
+def test_launch_argv_is_accelerate_launch_of_the_same_command():
+    args = ["learn-task", "s", "--data", "d.jsonl", "--launch", "cpu-ddp", "--num-processes", "2", "--launch=x", "--json"]
+    assert launch_argv(args, "cpu-ddp", 2) == [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES_DIR / "cpu-ddp.yaml"),
+        "--num_processes", "2", "-m", "moram_cli", "learn-task", "s", "--data", "d.jsonl", "--json"]
+
+
+def test_launch_takes_a_config_file_and_names_the_recipes_it_ships(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
+    assert launch_argv(["learn-task"], str(config), None)[3:5] == ["--config_file", str(config)]
+    assert shipped_recipes() == ["cpu-ddp", "ddp", "zero2", "zero3"]
+    with pytest.raises(MoramError, match="^--launch nope: no such launch recipe or file; the shipped recipes are cpu-ddp, ddp, zero2, zero3$"):
+        launch_argv(["learn-task"], "nope", None)
+
+
+@pytest.mark.parametrize("recipe", ["cpu-ddp", "ddp", "zero2", "zero3"])
+def test_shipped_recipes_are_accelerate_configs(recipe):
+    config = load_config_from_file(str(RECIPES_DIR / f"{recipe}.yaml"))
+    assert config.mixed_precision == "no" and config.num_machines == 1
+    assert config.num_processes == (2 if recipe == "cpu-ddp" else -1)
+
+
+def test_relaunch_checks_first_then_replaces_the_process(monkeypatch):
+    checked, executed = [], []
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(os, "execv", lambda path, argv: executed.append(argv))
+    relaunch(["learn-task", "s", "--launch", "cpu-ddp"], "cpu-ddp", None, checked.append)
+    # accelerate does not pass the recipe's use_cpu on to its processes; moram does.
+    assert checked == [2] and executed[0][-2:] == ["learn-task", "s"] and os.environ["ACCELERATE_USE_CPU"] == "1"
+    with pytest.raises(MoramError, match="process count is left open or below 1; pass --num-processes"):
+        relaunch(["learn-task"], "zero3", None, checked.append)
+    with pytest.raises(MoramError, match="^--num-processes needs --launch"):
+        relaunch(["learn-task"], None, 2, checked.append)
+    assert len(executed) == 1
+
+
+@pytest.mark.slow  # three Python processes start (~20 s on 2 cores)
+def test_learn_task_launch_cpu_ddp_through_the_cli(new_store, tiny_task):
+    reference, store = new_store("one"), new_store("launched")
+    learn_task(reference, tiny_task.train, name="t", show_progress=False, **SETTINGS)
+    command = [sys.executable, "-m", "moram_cli", "learn-task", str(store), "--data", str(tiny_task.train), "--name", "t",
+               "--epochs", "2", "--lr", "1e-2", "--launch", "cpu-ddp", "--num-processes", "2", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)  # one summary: only the main process prints
+    assert summary["batch"] == {"global": 8, "processes": 2, "grad_accum": 1, "micro": 4}
+    assert max_difference(bank_of(store), bank_of(reference)) < SPLIT_TOLERANCE
+    refused = subprocess.run(command[:-5] + ["--batch-size", "3", "--launch", "cpu-ddp", "--json"], capture_output=True, text=True,
+                             env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "error: --batch-size 3 does not split into 2 process(es) x --grad-accum 1; use a multiple of 2")
