@@ -117,7 +117,7 @@ def learn_task_command(
     data: Annotated[Path, typer.Option(help="Training data, JSONL: {prompt, completion}, {messages} or {text} per line.", show_default=False)],
     name: Annotated[Optional[str], typer.Option(help="Task name. Default: the data file's name, or its folder's for train.jsonl.")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (fractions allowed). Default: the store's, 1.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate. Default: the store's, 2e-3.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate. Default: the store's lr (2e-3) for the first task, its later_lr (5e-4) for every later one.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Examples per optimiser step (the global batch, split over processes and --grad-accum). Default: the store's, 8.")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Token limit per example; longer prompts are cut in the middle. Default: the store's, 512.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for new-rank initialisation and data order. Default: the store's, 0.")] = None,

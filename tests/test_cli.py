@@ -80,6 +80,14 @@ def test_second_task_adds_a_bank_and_leaves_the_first_untouched(trained, tiny_ta
     assert sorted(p.name for p in (trained / "banks").iterdir()) == ["001-tiny", "002-again"]
 
 
+def test_later_tasks_train_at_later_lr_unless_lr_is_given(store, tiny_task):
+    lrs = []
+    for name, flags in (("one", []), ("two", []), ("three", ["--lr", "0.03"])):
+        summary = ok_json("learn-task", store, "--data", tiny_task.train, "--name", name, "--epochs", "0.2", *flags)
+        lrs.append(summary["hyperparameters"]["lr"])
+    assert lrs == [2e-3, 5e-4, 0.03]
+
+
 def test_each_task_draws_its_own_initial_keys(store, tiny_task):
     # lr ~0 keeps every key at its initial draw; same seed, so only the task index can tell them apart
     for name in ("one", "two"):

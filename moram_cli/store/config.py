@@ -42,10 +42,18 @@ class TrainingSettings:
     "auto" is bf16 autocast on a GPU that supports it, fp32 elsewhere.
     `max_steps` (None: no limit) caps the steps `epochs` asks for;
     `checkpoint_every` steps (0: never) the resume data is saved.
+
+    `lr` trains the first task; `later_lr` (None: `lr` too) every task after
+    it. A later task's fresh experts compete in the gate with trained ones, and
+    a large step lets them take over tokens the old experts served: on
+    SmolLM2-135M, DBpedia (learnt at 2e-3) kept 0.76 of its 0.78 accuracy when
+    Amazon followed at 5e-4, 0.71 at 1e-3 and 0.58 at 2e-3; learning the first
+    task at 5e-4 reached only 0.21.
     """
 
     epochs: float = 1.0
     lr: float = 2e-3
+    later_lr: float | None = 5e-4
     batch_size: int = 8
     max_length: int = 512
     seed: int = 0

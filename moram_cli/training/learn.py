@@ -95,8 +95,19 @@ def _run_plan(store_path: Path, data: Path, name: str | None, resume: bool, over
     store = MemoryStore.open(store_path)
     name = check_task_name(name or default_task_name(data))
     checkpoint = checkpoint_to_resume(store.path, name) if resume else None
-    base = checkpoint.settings() if checkpoint else store.config.training
-    return store, name, checkpoint, checked_settings(replace(base, **{k: v for k, v in overrides.items() if v is not None}))
+    if checkpoint:
+        settings = replace(checkpoint.settings(), **{k: v for k, v in overrides.items() if v is not None})
+    else:
+        settings = task_settings(store.config.training, bool(store.banks()), overrides)
+    return store, name, checkpoint, checked_settings(settings)
+
+
+def task_settings(defaults: TrainingSettings, later_task: bool, overrides: dict) -> TrainingSettings:
+    """The store's defaults under the command's overrides; a later task trains at `later_lr` unless `lr` is given."""
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    if later_task and defaults.later_lr is not None:
+        chosen.setdefault("lr", defaults.later_lr)
+    return replace(defaults, **chosen)
 
 
 def _learn(
@@ -176,6 +187,7 @@ def rank_init_seed(seed: int, task_index: int) -> int:
 SETTING_RULES = (
     ("epochs", lambda s: s.epochs > 0, "> 0"),
     ("lr", lambda s: s.lr > 0, "> 0"),
+    ("later_lr", lambda s: s.later_lr is None or s.later_lr > 0, "> 0 (or none)"),
     ("batch_size", lambda s: s.batch_size >= 1, ">= 1"),
     ("max_length", lambda s: s.max_length >= 2, ">= 2"),
     ("weight_decay", lambda s: s.weight_decay >= 0, ">= 0"),
