@@ -162,7 +162,7 @@ def learn_task_command(
 def eval_command(
     store: StoreArg,
     data: Annotated[Optional[Path], typer.Option(help="Test data, JSONL with {prompt, completion} or {messages} per line.", show_default=False)] = None,
-    suite: Annotated[Optional[str], typer.Option(help="cl: the accuracy matrix recorded by learn-task --eval-data, with average accuracy, BWT, FWT and forgetting (nothing is run). Any other name: that lm-evaluation-harness task, e.g. mmlu (needs moram[harness]).", show_default=False)] = None,
+    suite: Annotated[Optional[str], typer.Option(help="cl: the accuracy matrix recorded by learn-task --eval-data, with average accuracy, BWT, FWT and forgetting (nothing is run). Any other name: that lm-evaluation-harness task, e.g. mmlu (needs pip install 'moram\\[harness]').", show_default=False)] = None,
     suite_path: Annotated[Optional[Path], typer.Option(help="Folder of lm-eval task YAMLs over local files (relative data paths are read from it): runs its tasks, or the --suite task in it. Example: moram_cli/suites/tiny_topic.", show_default=False)] = None,
     scoring: Annotated[str, typer.Option(help="auto: ranked choice when completions form a label set (labels.json beside the file, or few repeated answers), else exact match of greedy generation; or force choice/generate.")] = "auto",
     upto: Annotated[Optional[int], typer.Option(help="Evaluate the store as it was after its first N banks.")] = None,
