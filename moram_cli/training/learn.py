@@ -95,11 +95,10 @@ def _run_plan(store_path: Path, data: Path, name: str | None, resume: bool, over
     store = MemoryStore.open(store_path)
     name = check_task_name(name or default_task_name(data))
     checkpoint = checkpoint_to_resume(store.path, name) if resume else None
-    if checkpoint:
-        settings = replace(checkpoint.settings(), **{k: v for k, v in overrides.items() if v is not None})
-    else:
-        settings = task_settings(store.config.training, bool(store.banks()), overrides)
-    return store, name, checkpoint, checked_settings(settings)
+    base = checkpoint.settings() if checkpoint else store.config.training
+    # A resumed run's settings already hold the lr it started with.
+    later_task = checkpoint is None and bool(store.banks())
+    return store, name, checkpoint, checked_settings(task_settings(base, later_task, overrides))
 
 
 def task_settings(defaults: TrainingSettings, later_task: bool, overrides: dict) -> TrainingSettings:
