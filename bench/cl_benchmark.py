@@ -7,9 +7,10 @@ test set (the accuracy matrix of `moram eval --suite cl`). Learning rates
 (and MoRAM's temperature, k and threshold) are tuned per method on a dev
 split carved from each training file, never from a test file, with the same
 budget per trial. Every stage's result is cached as JSON in the work
-directory, so a rerun resumes where the last one stopped.
+directory, so a rerun resumes where the last one stopped. The defaults take
+about 75 minutes on 2 CPU cores (bench/README.md says why these sizes).
 
-    python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 300 train / 150 test
+    python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 128 train / 80 test
     python bench/cl_benchmark.py --order dbpedia,amazon --n-train 100 --no-tune
 """
 
@@ -36,9 +37,10 @@ from moram_cli.training.learn import learn_task
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENTIAL = ("moram", "lora", "inclora")
-LR_GRIDS = {"moram": [1e-3, 2e-3, 5e-3], "lora": [2e-4, 5e-4, 1e-3], "inclora": [2e-4, 5e-4, 1e-3], "mtl": [2e-4, 5e-4, 1e-3]}
+# The same two rates for every method: a task of 32 steps wants rates above the usual LoRA ones.
+LR_GRIDS = {"moram": [2e-3, 4e-3], "lora": [2e-3, 4e-3], "inclora": [2e-3, 4e-3], "mtl": [2e-3, 4e-3]}
 # What defines a run: a work directory holding stages of another run is refused rather than mixed in.
-RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "epochs", "batch_size", "max_length", "seed")
+RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "epochs", "batch_size", "max_length", "seed", "later_lr")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,19 +50,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--order", default="dbpedia,amazon,yelp,agnews", help="comma-separated task order")
     p.add_argument("--methods", default="moram,lora,inclora,mtl", help="any of moram, lora, inclora, mtl; zero-shot always runs")
     p.add_argument("--base-model", default=None, help="as for moram init; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--n-train", type=int, default=300, help="training examples per task (the head of its train.jsonl)")
-    p.add_argument("--n-dev", type=int, default=50, help="dev examples per task for tuning, the lines after the training ones")
-    p.add_argument("--n-test", type=int, default=150, help="test examples per task (the head of its test.jsonl)")
+    p.add_argument("--n-train", type=int, default=128, help="training examples per task (the head of its train.jsonl)")
+    p.add_argument("--n-dev", type=int, default=32, help="dev examples per task for tuning, the lines after the training ones")
+    p.add_argument("--n-test", type=int, default=80, help="test examples per task (the head of its test.jsonl)")
     p.add_argument("--r", type=int, default=8, help="ranks per task (moram, inclora); lora and mtl get r x tasks, the same total rank")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4, help="4: 32 optimiser steps per task at the default size")
+    p.add_argument("--max-length", type=int, default=320, help="prompts are cut in the middle to fit; only yelp's longest reviews are")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--later-lr", type=float, default=5e-4,
+                   help="every method trains each task after the first at this rate (the store default); the tuned lr trains the first")
     p.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR,LR", help=f"learning rates to try; defaults {LR_GRIDS}")
     p.add_argument("--temperature-grid", default="0.03", help="MoRAM temperatures to try")
     p.add_argument("--k-grid", default="4", help="MoRAM activation budgets to try")
     p.add_argument("--threshold-grid", default="0", help="MoRAM inference thresholds to try")
-    p.add_argument("--tune-tasks", type=int, default=2, help="tune on the first N tasks of the order (their dev splits)")
+    p.add_argument("--tune-tasks", type=int, default=1,
+                   help="tune on the first N tasks of the order (their dev splits); with later tasks at --later-lr, the first task is what the tuned lr trains")
     p.add_argument("--no-tune", action="store_true", help="skip tuning: take the first value of every grid")
     p.add_argument("--work-dir", type=Path, default=REPO / "bench" / "work", help="stores, data samples and cached stages")
     p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
@@ -123,7 +128,7 @@ class Benchmark:
         r = a.r if method in ("moram", "inclora") else a.r * len(self.order)
         gate = {k: setting[k] for k in ("temperature", "k", "threshold") if k in setting}
         return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r, "lr": setting["lr"],
-                "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length, "seed": a.seed, **gate}
+                "later_lr": a.later_lr, "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length, "seed": a.seed, **gate}
 
     def sequence(self, store: Path, method: str, setting: dict, tasks: list[str], split: str) -> dict:
         """Learn `tasks` in order, each scored with its `split` file; the accuracy matrix and its metrics."""
@@ -217,7 +222,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         methods[method] = {k: final[k] for k in (("avg_acc", "per_task") if method == "mtl" else ("matrix", "avg_acc", "bwt", "fwt", "forgetting"))}
     zero = bench.stage("zero-shot", bench.zero_shot)
     methods["zero_shot"] = {"per_task": zero["per_task"], "avg_acc": zero["avg_acc"]}
-    settings = {key: getattr(args, key) for key in ("r", "epochs", "batch_size", "max_length", "seed", "n_dev")}
+    settings = {key: getattr(args, key) for key in ("r", "epochs", "batch_size", "max_length", "seed", "n_dev", "later_lr", "tune_tasks")}
     settings |= {"tasks_dir": str(args.tasks_dir), "tool_version": __version__}
     settings |= {"lora_rank": args.r * len(bench.order), "grids": {m: candidates[m] for m in bench.methods}, "tuning": tuning,
                  "chosen": {m: t["chosen"] for m, t in tuning.items()}, "stage_wall_seconds": bench.wall}

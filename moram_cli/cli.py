@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
 from moram_cli import __version__
-from moram_cli.errors import GateViolation, MoramError
+from moram_cli.errors import GateViolation, MoramError, report_failure
 from moram_cli.reporting import console, eval_tables, learn_table
 
 app = typer.Typer(
@@ -34,17 +37,45 @@ def run(command: Callable[..., dict], *args, **kwargs) -> dict:
     """Run a command function; a MoramError becomes one line on stderr and exit code 2, a GateViolation exit code 1."""
     _quiet_libraries()
     try:
-        return command(*args, **kwargs)
+        with terminate_as_interrupt():
+            return command(*args, **kwargs)
     except MoramError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(MoramError.exit_code) from None
+        fail(f"error: {err}", MoramError.exit_code)
     except GateViolation as err:
-        typer.echo(f"gate failed: {err}", err=True)
-        raise typer.Exit(GateViolation.exit_code) from None
+        fail(f"gate failed: {err}", GateViolation.exit_code)
     except KeyboardInterrupt as interrupt:
         # learn-task's message (if any) says where its resume data is.
-        typer.echo("; ".join(["interrupted; the store is unchanged", *map(str, interrupt.args)]), err=True)
-        raise typer.Exit(130) from None
+        fail("; ".join(["interrupted; the store is unchanged", *map(str, interrupt.args)]), 130)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print the one-line message (under `--launch`, the launcher prints it once for all processes) and exit with `code`."""
+    if not report_failure(message, code):
+        typer.echo(message, err=True)
+    raise typer.Exit(code) from None
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, as Ctrl-C does.
+
+    Its default action ends the process on the spot, skipping the `finally`
+    blocks that release the store's lock and remove half-written files, so a
+    scheduler's kill during model loading would leave a stale lock. Training
+    installs its own handler (finish the step, save, stop) over this one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _quiet_libraries() -> None:

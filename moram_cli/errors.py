@@ -7,6 +7,13 @@ exits with code 2. A failed CI gate (`moram eval --min-accuracy ...`) is a
 keeps its traceback.
 """
 
+import json
+import os
+from pathlib import Path
+
+# Set in processes that `learn-task --launch` started: the folder where a failing process leaves its message.
+STATUS_ENV = "MORAM_LAUNCH_STATUS"
+
 
 class MoramError(Exception):
     """A user-facing failure: `str(err)` is the whole one-line message, fix included."""
@@ -18,3 +25,13 @@ class GateViolation(Exception):
     """A measured result missed a gate the user set: `str(err)` is the one-line reason."""
 
     exit_code = 1
+
+
+def report_failure(message: str, code: int) -> bool:
+    """In a launched process, leave the failure for the launcher to print once for all; False outside a launch."""
+    folder = os.environ.get(STATUS_ENV)
+    if folder is None:
+        return False
+    report = {"message": message, "code": code}
+    (Path(folder) / f"process-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report), encoding="utf-8")
+    return True

@@ -125,3 +125,20 @@ def test_readers_take_no_lock(store, tmp_path, write_jsonl):
     data = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "river?", "completion": "alpha"}] * 2)
     with store_lock(store, "moram learn-task"):
         assert runner.invoke(app, ["eval", str(store), "--data", str(data), "--json"]).exit_code == 0
+
+
+def test_sigterm_while_the_model_loads_releases_the_lock(store, tiny_task, monkeypatch):
+    import signal
+
+    import moram_cli.training.learn as learn_module
+
+    def terminated(*args, **kwargs):
+        # What a scheduler sends; before training starts, nothing but the CLI handles it.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = snapshot(store)
+    monkeypatch.setattr(learn_module, "build_memory_model", terminated)
+    result = learn(store, tiny_task.train)
+    assert result.exit_code == 130 and result.stderr.startswith("interrupted; the store is unchanged")
+    assert not (store / LOCK_FILE).exists() and snapshot(store) == before
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

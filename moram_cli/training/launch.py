@@ -1,19 +1,29 @@
 """`learn-task --launch`: run the same command again on several processes through `accelerate launch`.
 
 The way TRL's command line does it: the argument list minus the launch
-options, behind `python -m accelerate.commands.launch --config_file ...`.
-The launcher replaces this process, so its exit code is the command's.
+options, behind `accelerate launch --config_file ...`. The launcher replaces
+this process, so its exit code is the command's.
+
+A launched process that fails writes its one-line message and exit code into
+a report folder (`MORAM_LAUNCH_STATUS`) instead of printing it, and exits
+with the code, so torchrun still stops the other processes. The launcher,
+run through `quiet_launch` below, then prints each distinct message once and
+exits with the code, in place of torchrun's log lines and traceback.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from moram_cli.errors import MoramError
+from moram_cli.errors import STATUS_ENV, MoramError
 from moram_cli.store.yamlio import read_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "launch"
@@ -46,8 +56,8 @@ def without_launch_options(args: list[str]) -> list[str]:
 
 
 def launch_argv(args: list[str], recipe: str, num_processes: int | None) -> list[str]:
-    """The `accelerate launch` command line that runs `moram <args>` on every process."""
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config(recipe))]
+    """The `accelerate launch` command line (through `quiet_launch`) that runs `moram <args>` on every process."""
+    argv = [sys.executable, "-m", "moram_cli.training.launch", "--config_file", str(launch_config(recipe))]
     if num_processes is not None:
         argv += ["--num_processes", str(num_processes)]
     return [*argv, "-m", "moram_cli", *without_launch_options(args)]
@@ -65,10 +75,37 @@ def relaunch(args: list[str], recipe: str | None, num_processes: int | None, che
     if not isinstance(processes, int) or processes < 1:
         raise MoramError(f"--launch {recipe}: the process count is left open or below 1; pass --num-processes N (one per GPU)")
     check(processes)
+    env = os.environ | {STATUS_ENV: tempfile.mkdtemp(prefix="moram-launch-")}
     if config.get("use_cpu"):
         # accelerate does not pass a config's use_cpu on to multi-process launches; the processes read this instead.
-        os.environ["ACCELERATE_USE_CPU"] = "1"
+        env["ACCELERATE_USE_CPU"] = "1"
     argv = launch_argv(args, recipe, num_processes)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, env)
+
+
+def quiet_launch(argv: list[str]) -> NoReturn:
+    """`accelerate launch argv`; when processes failed with a report, their messages (each once) and code instead of torchrun's."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    # torchrun logs every failed process and the SIGTERM it sends the others; the reports say what went wrong.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    folder = Path(os.environ[STATUS_ENV])
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+        code = 0
+    except (Exception, KeyboardInterrupt) as failure:
+        reports = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("process-*.json"))]
+        if not reports:  # a crash or a kill: torchrun's account is all there is
+            shutil.rmtree(folder, ignore_errors=True)
+            raise failure from None
+        for message in dict.fromkeys(report["message"] for report in reports):
+            print(message, file=sys.stderr)
+        code = max(report["code"] for report in reports)
+    shutil.rmtree(folder, ignore_errors=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    quiet_launch(sys.argv[1:])

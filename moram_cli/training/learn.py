@@ -143,6 +143,7 @@ def _learn(
     if checkpoint is not None:
         summary["resumed_from_step"] = checkpoint.step
     if eval_examples is not None:
+        # Every process evaluates: under ZeRO-3 each forward pass needs all of them (each holds a shard of the weights).
         model.eval()
         result = evaluate_examples(model, tokenizer, eval_examples, eval_data, max_length=settings.max_length)
         summary["eval"] = {"data": str(eval_data), "data_sha256": sha256_file(eval_data), **result}
