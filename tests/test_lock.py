@@ -136,9 +136,9 @@ def test_sigterm_while_the_model_loads_releases_the_lock(store, tiny_task, monke
         # What a scheduler sends; before training starts, nothing but the CLI handles it.
         os.kill(os.getpid(), signal.SIGTERM)
 
-    before = snapshot(store)
+    before, handler = snapshot(store), signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(learn_module, "build_memory_model", terminated)
     result = learn(store, tiny_task.train)
     assert result.exit_code == 130 and result.stderr.startswith("interrupted; the store is unchanged")
     assert not (store / LOCK_FILE).exists() and snapshot(store) == before
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == handler
