@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 import moram_cli.training.learn as learn_module
 from moram_cli.errors import STATUS_ENV, MoramError
 from moram_cli.store.bank import flatten
-from moram_cli.training.launch import RECIPES_DIR, launch_argv, relaunch, shipped_recipes
 from moram_cli.store.init import init_store
+from moram_cli.training.launch import RECIPES_DIR, launch_argv, relaunch, shipped_recipes
 from moram_cli.training.learn import learn_task
 from moram_cli.training.loop import Stopped
 
