@@ -279,6 +279,10 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its weight-loading bar, once per store the run opens
     try:
         result = benchmark(args)
     except MoramError as err:
