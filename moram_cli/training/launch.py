@@ -95,15 +95,15 @@ def quiet_launch(argv: list[str]) -> NoReturn:
     try:
         launch_command(launch_command_parser().parse_args(argv))
         code = 0
-    except (Exception, KeyboardInterrupt) as failure:
+    except (Exception, KeyboardInterrupt):
         reports = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("process-*.json"))]
         if not reports:  # a crash or a kill: torchrun's account is all there is
-            shutil.rmtree(folder, ignore_errors=True)
-            raise failure from None
+            raise
         for message in dict.fromkeys(report["message"] for report in reports):
             print(message, file=sys.stderr)
         code = max(report["code"] for report in reports)
-    shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     sys.exit(code)
 
 
