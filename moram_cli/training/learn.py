@@ -66,13 +66,18 @@ def learn_task(
     """
     store, name, checkpoint, settings = _run_plan(store_path, data, name, resume, overrides)
     accelerator = make_accelerator(settings)
-    if checkpoint and uses_deepspeed(accelerator):
-        raise MoramError("--resume does not work under DeepSpeed: its sharded optimiser state has no format but DeepSpeed's "
-                         "pickles, which moram never writes; rerun without --resume")
-    split = batch_split(settings, accelerator.num_processes)
-    with main_process_lock(accelerator, store.path, break_lock or (resume and stale_lock(store.path))):
-        return _learn(store, accelerator, data, name=name, eval_data=eval_data, show_progress=show_progress,
-                      trust_remote_code=trust_remote_code, settings=settings, split=split, checkpoint=checkpoint)
+    try:
+        if checkpoint and uses_deepspeed(accelerator):
+            raise MoramError("--resume does not work under DeepSpeed: its sharded optimiser state has no format but DeepSpeed's "
+                             "pickles, which moram never writes; rerun without --resume")
+        split = batch_split(settings, accelerator.num_processes)
+        with main_process_lock(accelerator, store.path, break_lock or (resume and stale_lock(store.path))):
+            return _learn(store, accelerator, data, name=name, eval_data=eval_data, show_progress=show_progress,
+                          trust_remote_code=trust_remote_code, settings=settings, split=split, checkpoint=checkpoint)
+    finally:
+        # A gloo process group left for the interpreter's exit to tear down aborts
+        # the process now and then ("terminate called without an active exception").
+        accelerator.end_training()
 
 
 def check_before_launch(
