@@ -3,12 +3,12 @@
 Protocol (the text-classification benchmark of O-LoRA and the MoRAM paper):
 every method learns the tasks of one order with the same data, seeds and
 training budget; after each task, every task learned so far is scored on its
-test set (the accuracy matrix of `moram eval --suite cl`). Learning rates
-(and MoRAM's temperature, k and threshold) are tuned per method on a dev
-split carved from each training file, never from a test file, with the same
-budget per trial. Every stage's result is cached as JSON in the work
+test set (the accuracy matrix of `moram eval --suite cl`). Each method's
+first-task learning rate (and MoRAM's temperature, k and threshold), then
+its rate for later tasks, are tuned on dev splits carved from the training
+files, never on a test file, with the same budget per trial. Every stage's result is cached as JSON in the work
 directory, so a rerun resumes where the last one stopped. The defaults take
-about 75 minutes on 2 CPU cores (bench/README.md says why these sizes).
+about 90 minutes on 2 CPU cores (bench/README.md says why these sizes).
 
     python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 128 train / 80 test
     python bench/cl_benchmark.py --order dbpedia,amazon --n-train 100 --no-tune
@@ -40,7 +40,7 @@ SEQUENTIAL = ("moram", "lora", "inclora")
 # The same two rates for every method: a task of 32 steps wants rates above the usual LoRA ones.
 LR_GRIDS = {"moram": [2e-3, 4e-3], "lora": [2e-3, 4e-3], "inclora": [2e-3, 4e-3], "mtl": [2e-3, 4e-3]}
 # What defines a run: a work directory holding stages of another run is refused rather than mixed in.
-RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "epochs", "batch_size", "max_length", "seed", "later_lr")
+RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "epochs", "batch_size", "max_length", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,14 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="4: 32 optimiser steps per task at the default size")
     p.add_argument("--max-length", type=int, default=320, help="prompts are cut in the middle to fit; only yelp's longest reviews are")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--later-lr", type=float, default=5e-4,
-                   help="every method trains each task after the first at this rate (the store default); the tuned lr trains the first")
+    p.add_argument("--later-lr-grid", default="5e-4,1e-3,2e-3",
+                   help="rates to try for every task after the first (moram, lora, inclora): each continues the tuned first-task "
+                        "store on the second task, and the best average dev accuracy over both tasks wins")
     p.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR,LR", help=f"learning rates to try; defaults {LR_GRIDS}")
     p.add_argument("--temperature-grid", default="0.03", help="MoRAM temperatures to try")
     p.add_argument("--k-grid", default="4", help="MoRAM activation budgets to try")
     p.add_argument("--threshold-grid", default="0", help="MoRAM inference thresholds to try")
-    p.add_argument("--tune-tasks", type=int, default=1,
-                   help="tune on the first N tasks of the order (their dev splits); with later tasks at --later-lr, the first task is what the tuned lr trains")
     p.add_argument("--no-tune", action="store_true", help="skip tuning: take the first value of every grid")
     p.add_argument("--work-dir", type=Path, default=REPO / "bench" / "work", help="stores, data samples and cached stages")
     p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
@@ -128,13 +127,30 @@ class Benchmark:
         r = a.r if method in ("moram", "inclora") else a.r * len(self.order)
         gate = {k: setting[k] for k in ("temperature", "k", "threshold") if k in setting}
         return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r, "lr": setting["lr"],
-                "later_lr": a.later_lr, "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length, "seed": a.seed, **gate}
+                "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length, "seed": a.seed, **gate}
 
     def sequence(self, store: Path, method: str, setting: dict, tasks: list[str], split: str) -> dict:
         """Learn `tasks` in order, each scored with its `split` file; the accuracy matrix and its metrics."""
         init_store(store, **self.store_settings(method, setting))
         for task in tasks:
-            learn_task(store, self.data(task, "train"), name=task, eval_data=self.data(task, split), show_progress=not self.args.quiet)
+            self.learn(store, task, split)
+        return self.summary(store, setting)
+
+    def continue_sequence(self, store: Path, method: str, first: dict, setting: dict) -> dict:
+        """The tuned first-task store (copied; learned again if it is gone) learning the second task at `setting`'s later_lr."""
+        source = self.work / "stores" / stage_name("tune", method, first)
+        if source.is_dir():
+            shutil.copytree(source, store)
+        else:
+            self.sequence(store, method, first, self.order[:1], "dev")
+        self.learn(store, self.order[1], "dev", lr=setting["later_lr"])
+        return self.summary(store, setting)
+
+    def learn(self, store: Path, task: str, split: str, **overrides) -> None:
+        learn_task(store, self.data(task, "train"), name=task, eval_data=self.data(task, split), show_progress=not self.args.quiet,
+                   **overrides)
+
+    def summary(self, store: Path, setting: dict) -> dict:
         report = continual_report(store)
         return {"setting": setting, "matrix": report["matrix"], "avg_acc": report["average_accuracy"]["value"],
                 "bwt": report["bwt"]["value"], "fwt": report["fwt"]["value"], "forgetting": report["forgetting"]}
@@ -160,20 +176,38 @@ class Benchmark:
         return {"per_task": per_task, "avg_acc": sum(per_task) / len(per_task), "model": model}
 
     def run(self, method: str, setting: dict, tasks: list[str], split: str) -> dict:
-        phase = "final" if split == "test" else "tune"
-        name = f"{phase}-{method}-" + "-".join(f"{k}{v:g}" for k, v in setting.items())
+        name = stage_name("final" if split == "test" else "tune", method, setting)
         if method == "mtl":
             return self.stage(name, lambda store: self.multitask(store, setting, tasks, split))
         return self.stage(name, lambda store: self.sequence(store, method, setting, tasks, split))
 
-    def tune(self, method: str, candidates: list[dict]) -> dict:
-        """Every candidate on the first tasks' dev splits; the best final average dev accuracy wins (the earlier on a tie)."""
+    def tune(self, method: str, candidates: list[dict], later_rates: list[float]) -> dict:
+        """Two rounds on dev splits, the best average dev accuracy winning each (the earlier on a tie).
+
+        First every candidate learns the first task; then the winner's store
+        learns the second task at each later rate, so that rate is chosen for
+        what it learns and what it makes the first task forget.
+        """
+        has_later = method != "mtl" and len(self.order) > 1
         if self.args.no_tune:
-            return {"chosen": candidates[0], "trials": []}
-        tasks = self.order[: self.args.tune_tasks]
-        trials = [{"setting": s, "dev_avg_acc": self.run(method, s, tasks, "dev")["avg_acc"]} for s in candidates]
-        best = max(trials, key=lambda t: t["dev_avg_acc"])
-        return {"chosen": best["setting"], "trials": trials, "tasks": tasks}
+            return {"chosen": candidates[0] | ({"later_lr": later_rates[0]} if has_later else {}), "trials": []}
+        trials = [{"setting": s, "dev_avg_acc": self.run(method, s, self.order[:1], "dev")["avg_acc"]} for s in candidates]
+        chosen = _best(trials)
+        if not has_later:
+            return {"chosen": chosen, "trials": trials, "tasks": self.order[:1]}
+        later = []
+        for setting in (chosen | {"later_lr": rate} for rate in later_rates):
+            trial = self.stage(stage_name("tune2", method, setting), lambda store: self.continue_sequence(store, method, chosen, setting))
+            later.append({"setting": setting, "dev_avg_acc": trial["avg_acc"]})
+        return {"chosen": _best(later), "trials": trials, "later_trials": later, "tasks": self.order[:2]}
+
+
+def stage_name(phase: str, method: str, setting: dict) -> str:
+    return f"{phase}-{method}-" + "-".join(f"{k}{v:g}" for k, v in setting.items())
+
+
+def _best(trials: list[dict]) -> dict:
+    return max(trials, key=lambda t: t["dev_avg_acc"])["setting"]
 
 
 def prepare_data(args: argparse.Namespace, order: list[str]) -> None:
@@ -217,12 +251,12 @@ def benchmark(args: argparse.Namespace) -> dict:
     prepare_data(args, bench.order)
     candidates, tuning, methods = grids(args), {}, {}
     for method in bench.methods:
-        tuning[method] = bench.tune(method, candidates[method])
+        tuning[method] = bench.tune(method, candidates[method], _floats(args.later_lr_grid))
         final = bench.run(method, tuning[method]["chosen"], bench.order, "test")
         methods[method] = {k: final[k] for k in (("avg_acc", "per_task") if method == "mtl" else ("matrix", "avg_acc", "bwt", "fwt", "forgetting"))}
     zero = bench.stage("zero-shot", bench.zero_shot)
     methods["zero_shot"] = {"per_task": zero["per_task"], "avg_acc": zero["avg_acc"]}
-    settings = {key: getattr(args, key) for key in ("r", "epochs", "batch_size", "max_length", "seed", "n_dev", "later_lr", "tune_tasks")}
+    settings = {key: getattr(args, key) for key in ("r", "epochs", "batch_size", "max_length", "seed", "n_dev", "later_lr_grid")}
     settings |= {"tasks_dir": str(args.tasks_dir), "tool_version": __version__}
     settings |= {"lora_rank": args.r * len(bench.order), "grids": {m: candidates[m] for m in bench.methods}, "tuning": tuning,
                  "chosen": {m: t["chosen"] for m, t in tuning.items()}, "stage_wall_seconds": bench.wall}

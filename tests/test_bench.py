@@ -48,7 +48,9 @@ def test_the_benchmark_runs_every_method_and_resumes_from_its_stages(bench, tmp_
     for name in ("moram", "lora", "inclora"):
         assert len(methods[name]["matrix"]) == 2 and len(methods[name]["matrix"][1]) == 2 and "bwt" in methods[name]
     assert len(methods["mtl"]["per_task"]) == 2 and len(methods["zero_shot"]["per_task"]) == 2
-    assert result["settings"]["lora_rank"] == 4 and result["settings"]["chosen"]["moram"]["lr"] == bench.LR_GRIDS["moram"][0]
+    chosen = result["settings"]["chosen"]
+    assert result["settings"]["lora_rank"] == 4 and chosen["moram"]["lr"] == bench.LR_GRIDS["moram"][0]
+    assert chosen["lora"]["later_lr"] == 5e-4 and "later_lr" not in chosen["mtl"]
     assert "| method | avg acc | BWT | FWT | one | two |" in (tmp_path / "results" / "cl-benchmark.md").read_text()
     assert (tmp_path / "results" / "cl-benchmark.png").stat().st_size > 0
     monkeypatch.setattr(bench, "learn_task", lambda *a, **k: pytest.fail("a finished stage ran again"))
@@ -56,12 +58,22 @@ def test_the_benchmark_runs_every_method_and_resumes_from_its_stages(bench, tmp_
 
 
 def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench, tmp_path, tasks_dir, tiny_model_dir):
-    result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--methods", "moram", "--lr-grid", "moram=1e-2,2e-2", "--later-lr", "3e-3")
+    result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--methods", "moram", "--lr-grid", "moram=1e-2,2e-2",
+                 "--later-lr-grid", "3e-3,5e-3")
     tuning = result["settings"]["tuning"]["moram"]
-    assert [t["setting"]["lr"] for t in tuning["trials"]] == [1e-2, 2e-2] and tuning["tasks"] == ["one"]
-    assert tuning["chosen"] in [t["setting"] for t in tuning["trials"]]
+    assert [t["setting"]["lr"] for t in tuning["trials"]] == [1e-2, 2e-2] and tuning["tasks"] == ["one", "two"]
+    first = {k: v for k, v in tuning["chosen"].items() if k != "later_lr"}
+    assert first in [t["setting"] for t in tuning["trials"]]
+    assert [t["setting"] for t in tuning["later_trials"]] == [first | {"later_lr": 3e-3}, first | {"later_lr": 5e-3}]
+    assert tuning["chosen"] in [t["setting"] for t in tuning["later_trials"]]
     stages = [p.name for p in (tmp_path / "work" / "stages").iterdir()]
     assert sum(name.startswith("tune-moram-") for name in stages) == 2 and "zero-shot.json" in stages
-    # Every store trains its later tasks at --later-lr; the tuned lr trains the first.
-    configs = [yaml.safe_load(path.read_text())["training"] for path in (tmp_path / "work" / "stores").glob("*-moram-*/store.yaml")]
-    assert len(configs) == 3 and all(c["later_lr"] == 3e-3 for c in configs) and result["settings"]["later_lr"] == 3e-3
+    stores = tmp_path / "work" / "stores"
+    # A later-rate trial continues the first round's winner: its first bank is that store's, its second trained at the rate.
+    for trial, rate in zip(sorted(stores.glob("tune2-moram-*")), (3e-3, 5e-3)):
+        banks = sorted((trial / "banks").iterdir())
+        winner = stores / bench.stage_name("tune", "moram", first) / "banks" / banks[0].name
+        assert (banks[0] / "weights.safetensors").read_bytes() == (winner / "weights.safetensors").read_bytes()
+        assert yaml.safe_load((banks[1] / "bank.yaml").read_text())["hyperparameters"]["lr"] == rate
+    final = yaml.safe_load(next(stores.glob("final-moram-*")).joinpath("store.yaml").read_text())["training"]
+    assert final["later_lr"] == tuning["chosen"]["later_lr"] and final["lr"] == first["lr"]
