@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import traceback
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,9 +75,16 @@ def learn_task(
         with main_process_lock(accelerator, store.path, break_lock or (resume and stale_lock(store.path))):
             return _learn(store, accelerator, data, name=name, eval_data=eval_data, show_progress=show_progress,
                           trust_remote_code=trust_remote_code, settings=settings, split=split, checkpoint=checkpoint)
+    except BaseException as err:
+        # The failed run's frames hold its DDP model; its reducer must go before the process group (see below).
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
-        # A gloo process group left for the interpreter's exit to tear down aborts
-        # the process now and then ("terminate called without an active exception").
+        # A gloo process group left for the interpreter's exit to tear down aborts the process
+        # now and then ("terminate called without an active exception"), so it ends here. The
+        # DDP model goes first: a reducer holding the group's last reference would destroy it
+        # with the GIL held, and gloo's worker thread, waiting for the GIL, would never join.
+        accelerator.free_memory()
         accelerator.end_training()
 
 
