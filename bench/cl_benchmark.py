@@ -6,8 +6,9 @@ training budget; after each task, every task learned so far is scored on its
 test set (the accuracy matrix of `moram eval --suite cl`). Each method's
 first-task learning rate (and MoRAM's temperature, k and threshold), then
 its rate for later tasks, are tuned on dev splits carved from the training
-files, never on a test file, with the same budget per trial. Every stage's result is cached as JSON in the work
-directory, so a rerun resumes where the last one stopped. The defaults take
+files, never on a test file, with the same budget per trial. Every stage's
+result is cached as JSON in the work directory, so a rerun resumes where the
+last one stopped. The defaults take
 about 90 minutes on 2 CPU cores (bench/README.md says why these sizes).
 
     python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 128 train / 80 test
