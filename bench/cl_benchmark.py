@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rates to try for every task after the first (moram, lora, inclora): each continues the tuned first-task "
                         "store on the second task, and the best average dev accuracy over both tasks wins")
     p.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR,LR", help=f"learning rates to try; defaults {LR_GRIDS}")
-    p.add_argument("--temperature-grid", default="0.03", help="MoRAM temperatures to try")
+    p.add_argument("--temperature-grid", default="0.03,0.1", help="MoRAM temperatures to try")
     p.add_argument("--k-grid", default="4", help="MoRAM activation budgets to try")
     p.add_argument("--threshold-grid", default="0", help="MoRAM inference thresholds to try")
     p.add_argument("--no-tune", action="store_true", help="skip tuning: take the first value of every grid")
