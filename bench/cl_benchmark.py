@@ -8,8 +8,8 @@ first-task learning rate (and MoRAM's temperature, k and threshold), then
 its rate for later tasks, are tuned on dev splits carved from the training
 files, never on a test file, with the same budget per trial. Every stage's
 result is cached as JSON in the work directory, so a rerun resumes where the
-last one stopped. The defaults take
-about 90 minutes on 2 CPU cores (bench/README.md says why these sizes).
+last one stopped. The defaults take about 1¾ hours on 2 CPU cores
+(bench/README.md says why these sizes).
 
     python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 128 train / 80 test
     python bench/cl_benchmark.py --order dbpedia,amazon --n-train 100 --no-tune
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "store on the second task, and the best average dev accuracy over both tasks wins")
     p.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR,LR", help=f"learning rates to try; defaults {LR_GRIDS}")
     p.add_argument("--temperature-grid", default="0.03,0.1", help="MoRAM temperatures to try")
-    p.add_argument("--k-grid", default="4", help="MoRAM activation budgets to try")
+    p.add_argument("--k-grid", default="4,8", help="MoRAM activation budgets to try")
     p.add_argument("--threshold-grid", default="0", help="MoRAM inference thresholds to try")
     p.add_argument("--no-tune", action="store_true", help="skip tuning: take the first value of every grid")
     p.add_argument("--work-dir", type=Path, default=REPO / "bench" / "work", help="stores, data samples and cached stages")

@@ -59,15 +59,16 @@ def test_the_benchmark_runs_every_method_and_resumes_from_its_stages(bench, tmp_
 
 def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench, tmp_path, tasks_dir, tiny_model_dir):
     result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--methods", "moram", "--lr-grid", "moram=1e-2,2e-2",
-                 "--later-lr-grid", "3e-3,5e-3")
+                 "--temperature-grid", "0.05", "--k-grid", "2,3", "--later-lr-grid", "3e-3,5e-3")
     tuning = result["settings"]["tuning"]["moram"]
-    assert [t["setting"]["lr"] for t in tuning["trials"]] == [1e-2, 2e-2] and tuning["tasks"] == ["one", "two"]
+    tried = [(t["setting"]["lr"], t["setting"]["temperature"], t["setting"]["k"]) for t in tuning["trials"]]
+    assert tried == [(1e-2, 0.05, 2), (1e-2, 0.05, 3), (2e-2, 0.05, 2), (2e-2, 0.05, 3)] and tuning["tasks"] == ["one", "two"]
     first = {k: v for k, v in tuning["chosen"].items() if k != "later_lr"}
     assert first in [t["setting"] for t in tuning["trials"]]
     assert [t["setting"] for t in tuning["later_trials"]] == [first | {"later_lr": 3e-3}, first | {"later_lr": 5e-3}]
     assert tuning["chosen"] in [t["setting"] for t in tuning["later_trials"]]
     stages = [p.name for p in (tmp_path / "work" / "stages").iterdir()]
-    assert sum(name.startswith("tune-moram-") for name in stages) == 2 and "zero-shot.json" in stages
+    assert sum(name.startswith("tune-moram-") for name in stages) == 4 and "zero-shot.json" in stages
     stores = tmp_path / "work" / "stores"
     # A later-rate trial continues the first round's winner: its first bank is that store's, its second trained at the rate.
     for trial, rate in zip(sorted(stores.glob("tune2-moram-*")), (3e-3, 5e-3)):
