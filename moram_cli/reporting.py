@@ -120,14 +120,14 @@ def merge_table(result: dict) -> Table:
     return table
 
 
-def verify_table(result: dict) -> Table:
-    """One row per entry of banks/: OK or its first problem; warnings (leftovers, a lock) below."""
-    table = Table(title=escape(f"verification of {result['store']} (format {result['format_version']})"),
-                  caption=escape("\n".join(result["warnings"])) or None)
+def verify_table(result: dict) -> Group:
+    """One row per entry of banks/: OK or its first problem; warnings (leftovers, a lock) below, one per line."""
+    # Below the table, not as its caption: a caption wraps to the table's few columns and breaks paths apart.
+    table = Table(title=escape(f"verification of {result['store']} (format {result['format_version']})"))
     for column in ("bank", "task", "experts", "status"):
         table.add_column(column, justify="right" if column == "experts" else "left")
     for bank in result["banks"]:
         # A problem starts with the bank's path, which the first column already shows.
         status = "[green]OK[/]" if bank["ok"] else f"[red]{escape(bank['problems'][0].split(': ', 1)[-1])}[/]"
         table.add_row(escape(bank["bank"]), escape(str(bank["task"] or "")), "" if bank["experts"] is None else str(bank["experts"]), status)
-    return table
+    return Group(table, *(Text(f"warning: {warning}", style="yellow") for warning in result["warnings"]))
