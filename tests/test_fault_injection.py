@@ -90,10 +90,14 @@ def _wait_for_the_kill(marker: Path) -> None:
     time.sleep(600)
 
 
+def _start(command: list[str]) -> subprocess.Popen:
+    """Start a learn-task child with one thread, as the recovery runs in this process use."""
+    return subprocess.Popen(command, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def _kill(command: list[str], instant: str, marker: Path) -> str:
     """Run `command`, SIGKILL it at `instant` (seconds after `marker` appears, or a pause named in PAUSES); says what happened."""
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = _start(command)
     deadline = time.time() + 300
     while time.time() < deadline and child.poll() is None and not marker.exists():
         time.sleep(0.001)
@@ -164,7 +168,7 @@ def _bank_hash(store: Path) -> str:
 
 def _lock_seconds(command: list[str], lock: Path) -> float:
     """Run `command` to the end; how long it held `lock`."""
-    child = subprocess.Popen(command, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = _start(command)
     while child.poll() is None and not lock.exists():
         time.sleep(0.001)
     start = time.time()

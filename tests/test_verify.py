@@ -165,8 +165,10 @@ def test_leftovers_and_a_lock_are_warnings(store):
         assert report["ok"] and len(report["warnings"]) == 2
         assert "bank-0123: left over from an interrupted write" in report["warnings"][0]
         assert "store is locked by pid" in report["warnings"][1]
-        # Rich wraps long temporary paths wherever the terminal width falls.
-        assert "left over from an interrupted write" in " ".join(moram("verify", store).stdout.split())
+        shown = moram("verify", store).stdout
+        # Below the table, one each; rich wraps long temporary paths wherever the terminal width falls.
+        assert shown.count("warning: ") == 2 and shown.rindex("└") < shown.index("warning: ")
+        assert "left over from an interrupted write" in " ".join(shown.split())
 
 
 def test_a_newer_store_format_and_a_missing_store(store, tmp_path):
