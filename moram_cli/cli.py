@@ -280,6 +280,7 @@ def merge(
     prune_below: Annotated[Optional[float], typer.Option(help="Drop ranks holding less than this share (0-1) of their module's gate mass on --data.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="With --prune-below: calibration examples (JSONL) on which the gate mass is measured.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="With --prune-below: test set scored before and after pruning.")] = None,
+    routing: Annotated[Optional[str], typer.Option(help="source: each input is answered by the banks of one source store, picked by their experts' gate scores (default for moram stores); token: all ranks compete for every token, and the merged store can learn further tasks.")] = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -289,14 +290,16 @@ def merge(
     method; the new store takes the first source's settings. Banks with
     identical weights are stored once; a task name already taken gets a suffix
     (-2, -3, ...). Each bank records where it came from. The new store appears
-    only when complete.
+    only when complete. By default each input is answered by the banks of the
+    one source its experts pick (--routing source); such a store learns no
+    further tasks.
     """
     from moram_cli.reporting import merge_table
     from moram_cli.store.merge import merge_stores
 
     picked = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
     result = run(merge_stores, out, sources, tasks=picked, prune_below=prune_below, data=data, eval_data=eval_data,
-                 show_progress=not as_json, trust_remote_code=trust_remote_code)
+                 routing=routing, show_progress=not as_json, trust_remote_code=trust_remote_code)
     emit(result, as_json, merge_table)
 
 

@@ -106,11 +106,14 @@ def gates_table(gates: dict, banks: list[str]) -> Table:
 
 
 def merge_table(result: dict) -> Table:
-    table = Table(title=escape(f"merged into {result['store']}"), caption=f"{result['deduplicated']} duplicate bank(s) stored once")
+    routed = result["routing"] == "source"
+    table = Table(title=escape(f"merged into {result['store']}"), caption=f"{result['deduplicated']} duplicate bank(s) stored once; routing: {result['routing']}")
     table.add_column("bank")
     table.add_column("from")
+    if routed:
+        table.add_column("group")
     for bank in result["banks"]:
-        table.add_row(bank["bank"], escape(bank["from"]))
+        table.add_row(bank["bank"], escape(bank["from"]), *([",".join(map(str, bank["routing_groups"]))] if routed else []))
     if "prune" in result:
         prune = result["prune"]
         table.add_row("pruned", f"{prune['ranks_dropped']} of {prune['ranks_before']} ranks below {prune['below']:g} of their module's gate mass")

@@ -78,3 +78,19 @@ def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench
         assert yaml.safe_load((banks[1] / "bank.yaml").read_text())["hyperparameters"]["lr"] == rate
     final = yaml.safe_load(next(stores.glob("final-moram-*")).joinpath("store.yaml").read_text())["training"]
     assert final["later_lr"] == tuning["chosen"]["later_lr"] and final["lr"] == first["lr"]
+
+
+def test_the_merge_benchmark_scores_every_task_from_its_own_and_each_merged_store(tmp_path, tasks_dir, tiny_model_dir):
+    spec = importlib.util.spec_from_file_location("merge_benchmark", SCRIPT.parent / "merge_benchmark.py")
+    merge_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_bench)
+    argv = ["--tasks-dir", str(tasks_dir), "--tasks", "one,two", "--base-model", str(tiny_model_dir), "--epochs", "0.5",
+            "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")]
+    assert merge_bench.main(argv) == 0
+    result = json.loads((tmp_path / "results" / "merge.json").read_text())
+    assert result["tasks"] == ["one", "two"] and set(result["own_store"]) == {"one", "two"}
+    assert set(result["merged"]) == {"source", "token"} and all(set(m) == {"one", "two"} for m in result["merged"].values())
+    stores = tmp_path / "work"
+    assert yaml.safe_load((stores / "merged-source" / "store.yaml").read_text())["adapter"]["routing"] == "source"
+    assert len(list((stores / "merged-token" / "banks").iterdir())) == 2
+    assert "| task | own store | merged, routing token | merged, routing source |" in (tmp_path / "results" / "merge.md").read_text()

@@ -38,6 +38,9 @@ def evaluate_suite(
     upto = 0 if base_only else upto
     model, tokenizer = build_memory_model(store, upto, trust_remote_code)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    if store.config.adapter.routing == "source":
+        # lm-eval pads a batch without an attention mask, and the padding would then count when a source is picked.
+        batch_size = 1
     lm = harness.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device),
                                          max_length=max_length or store.config.training.max_length)
     with _data_errors(suite, suite_path), _working_directory(suite_path):

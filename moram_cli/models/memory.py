@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from peft import LoraConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moram_cli.errors import MoramError
 from moram_cli.models.loading import load_base_model
 from moram_cli.store import Bank, MemoryStore
-from moram_cli.store.bank import BankTensors, stack_banks
-from moram_cli.store.config import METHODS
+from moram_cli.store.bank import MISSING_GROUPS, BankTensors, routing_groups, stack_banks
+from moram_cli.store.config import METHODS, ROUTINGS
 from moram_cli.tuner import MoramConfig, MoramModel, SeqLoraModel
 
 MemoryModel = MoramModel | SeqLoraModel
@@ -20,6 +21,8 @@ def adapter_model(base: PreTrainedModel, store: MemoryStore) -> MemoryModel:
     a, method = store.config.adapter, store.config.method
     if method not in METHODS:
         raise MoramError(f"{store.path}: store method {method!r} is unknown to this moram (it knows {', '.join(METHODS)}); upgrade moram")
+    if a.routing not in ROUTINGS or (a.routing == "source" and method != "moram"):
+        raise MoramError(f"{store.path}: store routing {a.routing!r} does not go with method {method}; the store config is corrupt, restore it from a backup")
     if method == "lora":
         return SeqLoraModel(base, LoraConfig(r=a.r, lora_alpha=a.lora_alpha, lora_dropout=a.dropout, target_modules=a.target_modules), "default")
     config = MoramConfig(r=a.r, k=a.k, temperature=a.temperature, threshold=a.threshold, dropout=a.dropout,
@@ -44,9 +47,37 @@ def build_memory_model(
     if per_bank:
         # A lora bank is the whole adapter after its task, so the newest one wanted supersedes the others.
         model.set_memory(per_bank[-1] if store.config.method == "lora" else stack_banks(per_bank))
+    if per_bank and store.config.adapter.routing == "source":
+        groups = bank_groups(banks[:upto])
+        if len(set().union(*groups)) > 1:
+            model.route_by_source(groups, rank_indices(groups, per_bank))
     # Freshly injected layers start in training mode, which would skip the inference-only threshold.
     model.eval()
     return model, tokenizer
+
+
+def bank_groups(banks: list[Bank]) -> list[list[int]]:
+    """Each bank's routing groups as `moram merge` recorded them, renumbered 0, 1, ... (`--upto` may leave gaps)."""
+    recorded = [routing_groups(bank.metadata()) for bank in banks]
+    for bank, groups in zip(banks, recorded):
+        if groups is None:
+            raise MoramError(f"{bank.path}: {MISSING_GROUPS}")
+    position = {group: i for i, group in enumerate(sorted(set().union(*recorded)))}
+    return [[position[group] for group in groups] for groups in recorded]
+
+
+def rank_indices(groups: list[list[int]], per_bank: list[BankTensors]) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    """Per module, the indices into its ranks (stacked bank after bank) of each group and of each bank.
+
+    Computed per module because pruning may leave a bank different rank counts in different modules.
+    """
+    out = {}
+    for module in per_bank[0]:
+        sizes = [tensors[module][0].shape[0] for tensors in per_bank]
+        banks = tuple(torch.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes)))
+        members = range(1 + max(map(max, groups)))
+        out[module] = (tuple(torch.cat([banks[i] for i, tag in enumerate(groups) if g in tag]) for g in members), banks)
+    return out
 
 
 def check_bank_fits(bank: Bank, tensors: BankTensors, model: MemoryModel) -> None:

@@ -21,6 +21,7 @@ from moram_cli.store.yamlio import read_yaml, write_yaml
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "bank.yaml"
+MISSING_GROUPS = "bank.yaml lacks the routing_groups a source-routed store needs; the bank is corrupt, merge its sources again"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DIR_PATTERN = re.compile(r"[0-9]{3,}-" + NAME_PATTERN.pattern)
 
@@ -85,6 +86,13 @@ class Bank:
         except (SafetensorError, OSError) as exc:
             raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
         return unflatten(flat, self.path)
+
+
+def routing_groups(metadata: dict) -> list[int] | None:
+    """The routing groups `moram merge --routing source` recorded for a bank, or None when missing or malformed."""
+    groups = metadata.get("routing_groups")
+    valid = isinstance(groups, list) and groups and all(isinstance(g, int) and not isinstance(g, bool) for g in groups)
+    return groups if valid else None
 
 
 def stack_banks(per_bank: list[BankTensors]) -> BankTensors:

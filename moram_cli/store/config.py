@@ -14,6 +14,9 @@ CONFIG_FILE = "store.yaml"
 # moram; lora: one PEFT LoRA adapter trained on task after task (SeqLoRA); inclora: a new LoRA per task, old ones
 # frozen, all summed without a gate (IncLoRA). The two baselines share the store, training and evaluation code.
 METHODS = ("moram", "lora", "inclora")
+# token: every rank competes for every token (the method); source: a merged store answers each sequence with the
+# banks of one source store (moram_cli.tuner.routing), recorded per bank as `routing_groups`.
+ROUTINGS = ("token", "source")
 
 
 @dataclass
@@ -21,7 +24,8 @@ class AdapterSettings:
     """The adapter's hyper-parameters, fixed for the life of a store.
 
     k, temperature and threshold configure MoRAM's gate; `lora_alpha` is set
-    for method lora only (its output is scaled by lora_alpha / r).
+    for method lora only (its output is scaled by lora_alpha / r). `routing`
+    is "source" only in stores `moram merge` wrote that way.
     """
 
     r: int = 8
@@ -31,6 +35,7 @@ class AdapterSettings:
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj"])
     lora_alpha: float | None = None
+    routing: str = "token"
 
 
 @dataclass

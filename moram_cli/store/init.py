@@ -62,6 +62,8 @@ def _recipe_settings(recipe: Path | None) -> tuple[AdapterSettings, TrainingSett
 
 
 def _check_adapter(a: AdapterSettings) -> None:
+    if a.routing != "token":
+        raise MoramError("routing is set by moram merge (--routing) for the store it writes, not when a store is created; remove it from the recipe")
     if a.r < 1 or a.k < 1 or a.temperature <= 0 or not 0 <= a.dropout < 1 or a.threshold < 0:
         raise MoramError("invalid adapter settings: need r >= 1, k >= 1, temperature > 0, 0 <= dropout < 1, threshold >= 0")
 

@@ -10,7 +10,7 @@ from moram_cli import __version__
 from moram_cli.data.jsonl import Example, read_examples
 from moram_cli.errors import MoramError
 from moram_cli.store.bank import Bank
-from moram_cli.store.config import StoreConfig
+from moram_cli.store.config import ROUTINGS, StoreConfig
 from moram_cli.store.prune import prune_store
 from moram_cli.store.store import MemoryStore
 
@@ -24,7 +24,8 @@ MUST_MATCH = {
     "method": lambda c: c.method,
 }
 
-Planned = tuple[MemoryStore, Bank, str]
+# A bank to copy, its name in the merged store, and the routing groups it joins (ids in order of first appearance).
+Planned = tuple[MemoryStore, Bank, str, list[int]]
 
 
 def merge_stores(
@@ -35,31 +36,36 @@ def merge_stores(
     prune_below: float | None = None,
     data: Path | None = None,
     eval_data: Path | None = None,
+    routing: str | None = None,
     show_progress: bool = False,
     trust_remote_code: bool = False,
 ) -> dict:
     """Write a new store at `out` with the banks of `sources` (or those of `tasks`), in source order.
 
     The store is built in a staging directory next to `out` and renamed into
-    place when complete; the sources are only read. With `prune_below`, ranks
-    holding less than that share of their module's gate mass on `data` are
-    dropped, and `eval_data` is scored before and after.
+    place when complete; the sources are only read. `routing` "source" (the
+    default for moram stores) makes the merged store answer each sequence with
+    one source's banks; "token" lets all ranks compete for every token. With
+    `prune_below`, ranks holding less than that share of their module's gate
+    mass on `data` are dropped, and `eval_data` is scored before and after.
     """
     stores = [MemoryStore.open(path) for path in sources]
     for other in stores[1:]:
         check_mergeable(stores[0], other)
+    routing = _routing(routing, stores[0].config.method)
     plan, duplicates = merge_plan(stores, tasks)
     calibration, evaluation = _prune_inputs(prune_below, data, eval_data)
-    config = merged_config(stores[0].config)
+    config = merged_config(stores[0].config, routing)
     with MemoryStore.building(out, config) as merged:
-        copies = [(bank, _copy(merged, store, bank, name)) for store, bank, name in plan]
+        copies = [(bank, _copy(merged, store, bank, name, groups if routing == "source" else None)) for store, bank, name, groups in plan]
         _check_shapes(copies)
         pruning = {}
         if prune_below is not None:
             pruning["prune"] = prune_store(merged, prune_below, data, calibration, evaluation, show_progress, trust_remote_code)
     return {
-        "store": str(out), "sources": [str(s.path.resolve()) for s in stores], "deduplicated": duplicates,
-        "banks": [{"bank": copy.path.name, "task": copy.name, "from": str(bank.path.resolve())} for bank, copy in copies],
+        "store": str(out), "sources": [str(s.path.resolve()) for s in stores], "deduplicated": duplicates, "routing": routing,
+        "banks": [{"bank": copy.path.name, "task": copy.name, "from": str(bank.path.resolve()), "routing_groups": groups if routing == "source" else None}
+                  for (bank, copy), (*_, groups) in zip(copies, plan)],
     } | pruning
 
 
@@ -73,23 +79,34 @@ def check_mergeable(first: MemoryStore, other: MemoryStore) -> None:
 
 
 def merge_plan(stores: list[MemoryStore], tasks: list[str] | None) -> tuple[list[Planned], int]:
-    """The banks to copy, each with its name in the merged store, and how many were left out as duplicates.
+    """The banks to copy, each with its name in the merged store and routing groups, and how many were left out as duplicates.
 
-    A bank whose weights hash equals an earlier one's is stored once. A task
-    name already taken by a bank with other weights gets the first free
-    suffix: `name-2`, `name-3`, ...
+    A bank whose weights hash equals an earlier one's is stored once, in the
+    routing groups of both. A task name already taken by a bank with other
+    weights gets the first free suffix: `name-2`, `name-3`, ...
     """
     picked = _picked(stores, tasks)
     if not picked:
         raise MoramError(f"{stores[0].path}: the source stores hold no banks; there is nothing to merge")
-    seen, names, plan = set(), set(), []
+    seen, names, ids = {}, set(), {}
     for store, bank in picked:
-        digest = bank.metadata().get("weights_sha256")
-        if digest not in seen:
-            seen.add(digest)
+        metadata = bank.metadata()
+        groups = [ids.setdefault(key, len(ids)) for key in _group_keys(stores.index(store), store, metadata)]
+        digest = metadata.get("weights_sha256")
+        if digest in seen:
+            seen[digest][3].extend(g for g in groups if g not in seen[digest][3])
+        else:
             names.add(name := free_name(bank.name, names))
-            plan.append((store, bank, name))
+            seen[digest] = (store, bank, name, groups)
+    plan = list(seen.values())
     return plan, len(picked) - len(plan)
+
+
+def _group_keys(position: int, store: MemoryStore, metadata: dict) -> list[tuple]:
+    """A source's banks were trained together, so they answer as one group; a source-routed source keeps its own groups."""
+    if store.config.adapter.routing == "source":
+        return [(position, inner) for inner in metadata.get("routing_groups") or [None]]
+    return [(position, None)]
 
 
 def free_name(name: str, taken: set[str]) -> str:
@@ -102,8 +119,20 @@ def free_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def merged_config(first: StoreConfig) -> StoreConfig:
-    return replace(first, tool_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+def merged_config(first: StoreConfig, routing: str) -> StoreConfig:
+    return replace(first, adapter=replace(first.adapter, routing=routing), tool_version=__version__,
+                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _routing(asked: str | None, method: str) -> str:
+    """Source routing picks banks by their experts' gate scores, so it needs moram's gate; it is moram's default."""
+    if asked is None:
+        return "source" if method == "moram" else "token"
+    if asked not in ROUTINGS:
+        raise MoramError(f"--routing {asked!r} is unknown; use one of {', '.join(ROUTINGS)}")
+    if asked == "source" and method != "moram":
+        raise MoramError(f"--routing source needs moram stores: the {method} method has no gate to pick a source with; use --routing token")
+    return asked
 
 
 def _picked(stores: list[MemoryStore], tasks: list[str] | None) -> list[tuple[MemoryStore, Bank]]:
@@ -131,9 +160,10 @@ def _prune_inputs(below: float | None, data: Path | None, eval_data: Path | None
     return read_examples(data), evaluation
 
 
-def _copy(merged: MemoryStore, store: MemoryStore, bank: Bank, name: str) -> Bank:
+def _copy(merged: MemoryStore, store: MemoryStore, bank: Bank, name: str, groups: list[int] | None) -> Bank:
     provenance = {"store": str(store.path.resolve()), "index": bank.index, "name": bank.name}
-    return merged.copy_bank(bank, name, {**bank.metadata(), "merged_from": provenance})
+    metadata = {key: value for key, value in bank.metadata().items() if key != "routing_groups"}
+    return merged.copy_bank(bank, name, {**metadata, "merged_from": provenance} | ({"routing_groups": groups} if groups is not None else {}))
 
 
 def _check_shapes(copies: list[tuple[Bank, Bank]]) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
-from moram_cli.store.bank import META_FILE, Bank, BankTensors, is_bank_dir
+from moram_cli.store.bank import META_FILE, MISSING_GROUPS, Bank, BankTensors, is_bank_dir, routing_groups
 from moram_cli.store.lock import lock_message
 from moram_cli.store.store import BANKS_DIR, RESUME_PREFIX, STAGING_DIR, MemoryStore
 
@@ -41,7 +41,8 @@ def verify_store(store_path: Path) -> dict:
     warnings. Returns the report that `--json` prints.
     """
     store = MemoryStore.open(store_path)
-    banks = [_check_bank(bank, position) for position, bank in enumerate(store.banks(), start=1)]
+    routed = store.config.adapter.routing == "source"
+    banks = [_check_bank(bank, position, routed) for position, bank in enumerate(store.banks(), start=1)]
     _check_alike(banks)
     reports = banks + _strays(store.path / BANKS_DIR)
     problems = [problem for report in reports for problem in report.problems]
@@ -58,14 +59,14 @@ def require_healthy(report: dict) -> dict:
     return report
 
 
-def _check_bank(bank: Bank, position: int) -> BankReport:
+def _check_bank(bank: Bank, position: int, routed: bool) -> BankReport:
     report = BankReport(bank.path)
     if bank.index != position:
         report.problems.append(
             f"{bank.path}: numbered {bank.index:03d} where bank {position:03d} should be (a bank is missing or numbered twice); "
             "restore the missing bank from a backup"
         )
-    metadata = _check_metadata(bank, report)
+    metadata = _check_metadata(bank, report, routed)
     try:
         # Without a recorded hash there is nothing to compare; the metadata check has said so already.
         tensors = bank.tensors(verify=metadata is not None and "weights_sha256" in metadata)
@@ -76,7 +77,7 @@ def _check_bank(bank: Bank, position: int) -> BankReport:
     return report
 
 
-def _check_metadata(bank: Bank, report: BankReport) -> dict | None:
+def _check_metadata(bank: Bank, report: BankReport, routed: bool) -> dict | None:
     try:
         metadata = bank.metadata()
     except MoramError as err:
@@ -90,6 +91,8 @@ def _check_metadata(bank: Bank, report: BankReport) -> dict | None:
             report.problems.append(f"{where}: {key} is {found} but the directory says {expected!r}; {RESTORE}")
     if "weights_sha256" not in metadata:
         report.problems.append(f"{where}: weights_sha256 is missing, so the weights cannot be checked; {RESTORE}")
+    if routed and routing_groups(metadata) is None:
+        report.problems.append(f"{bank.path}: {MISSING_GROUPS}")
     return metadata
 
 

@@ -106,6 +106,9 @@ def _run_plan(store_path: Path, data: Path, name: str | None, resume: bool, over
               ) -> tuple[MemoryStore, str, Checkpoint | None, TrainingSettings]:
     """The store, task name, checkpoint to resume (or None) and settings of a run: a resumed run keeps its own settings."""
     store = MemoryStore.open(store_path)
+    if store.config.adapter.routing == "source":
+        raise MoramError(f"{store.path}: this merged store answers each input with one source store's banks (routing source), so a new "
+                         "task has no place in it; learn the task in a source store and merge again, or merge with --routing token")
     name = check_task_name(name or default_task_name(data))
     checkpoint = checkpoint_to_resume(store.path, name) if resume else None
     base = checkpoint.settings() if checkpoint else store.config.training

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from moram_cli.tuner.config import MoramConfig
 from moram_cli.tuner.gating import rank_gate
+from moram_cli.tuner.routing import SourceRouter
 
 
 class MoramLayer(nn.Module, BaseTunerLayer):
@@ -29,6 +30,11 @@ class MoramLayer(nn.Module, BaseTunerLayer):
     # Receives every gate `g` this layer computes; set only while gate statistics are collected
     # (see moram_cli.inspection.gates), so the ordinary forward pass pays one `is None` test.
     gate_observer: Callable[[torch.Tensor], None] | None = None
+    # Set on the layers of a source-routed merged store (see moram_cli.tuner.routing): the router and this
+    # layer's rank indices, one tensor per source and one per bank.
+    router: SourceRouter | None = None
+    rank_groups: tuple[torch.Tensor, ...] = ()
+    rank_banks: tuple[torch.Tensor, ...] = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoramConfig) -> None:
         super().__init__()
@@ -90,8 +96,12 @@ class MoramLayer(nn.Module, BaseTunerLayer):
 
     def _gated(self, z: torch.Tensor) -> torch.Tensor:
         threshold = 0.0 if self.training else self.config.threshold
-        g = rank_gate(z, self.config.k, self.config.temperature, threshold)
-        if self.gate_observer is not None:
+        if self.router is None:
+            g = rank_gate(z, self.config.k, self.config.temperature, threshold)
+        else:
+            g = self.router.gate(z, self.rank_groups, self.rank_banks, self.config.k, self.config.temperature, threshold)
+        # The router's measuring pass is not an answer; only the gates that shape the output are observed.
+        if self.gate_observer is not None and not (self.router is not None and self.router.measuring):
             self.gate_observer(g)
         return g * z
 

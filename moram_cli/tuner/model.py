@@ -8,6 +8,7 @@ from torch import nn
 
 from moram_cli.tuner.config import MoramConfig
 from moram_cli.tuner.layer import MoramLayer
+from moram_cli.tuner.routing import SourceRouter
 
 BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -39,6 +40,14 @@ class MoramModel(BaseTuner):
             raise ValueError(f"memory and model disagree on adapted modules, e.g. {missing[0]}")
         for name, (A, B) in stacked.items():
             layers[name].set_frozen(A, B)
+
+    def route_by_source(self, bank_groups: list[list[int]], ranks: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]) -> None:
+        """Answer each sequence with one group of banks (a source store's): `bank_groups[i]` holds bank i's group
+        positions, `ranks` maps each module to its rank indices per group and per bank."""
+        router = SourceRouter(bank_groups)
+        for name, layer in self.moram_layers().items():
+            layer.router, (layer.rank_groups, layer.rank_banks) = router, ranks[name]
+        router.attach(self.model)
 
     def add_task_ranks(self, r: int, seed: int) -> list[nn.Parameter]:
         """Add `r` trainable experts to every adapted layer; returns exactly the new parameters."""
