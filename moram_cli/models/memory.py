@@ -48,25 +48,29 @@ def build_memory_model(
         # A lora bank is the whole adapter after its task, so the newest one wanted supersedes the others.
         model.set_memory(per_bank[-1] if store.config.method == "lora" else stack_banks(per_bank))
     if per_bank and store.config.adapter.routing == "source":
-        groups = bank_groups(banks[:upto])
-        if len(set().union(*groups)) > 1:
-            model.route_by_source(groups, rank_indices(groups, per_bank))
+        members = group_members(bank_groups(banks[:upto]))
+        if len(members) > 1:
+            model.route_by_source(members, rank_indices(members, per_bank))
     # Freshly injected layers start in training mode, which would skip the inference-only threshold.
     model.eval()
     return model, tokenizer
 
 
 def bank_groups(banks: list[Bank]) -> list[list[int]]:
-    """Each bank's routing groups as `moram merge` recorded them, renumbered 0, 1, ... (`--upto` may leave gaps)."""
+    """Each bank's routing groups as `moram merge` recorded them."""
     recorded = [routing_groups(bank.metadata()) for bank in banks]
     for bank, groups in zip(banks, recorded):
         if groups is None:
             raise MoramError(f"{bank.path}: {MISSING_GROUPS}")
-    position = {group: i for i, group in enumerate(sorted(set().union(*recorded)))}
-    return [[position[group] for group in groups] for groups in recorded]
+    return recorded
 
 
-def rank_indices(groups: list[list[int]], per_bank: list[BankTensors]) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+def group_members(groups: list[list[int]]) -> list[list[int]]:
+    """The banks (by position) of each group present; `--upto` may have left some recorded groups without banks."""
+    return [[i for i, tag in enumerate(groups) if group in tag] for group in sorted(set().union(*groups))]
+
+
+def rank_indices(members: list[list[int]], per_bank: list[BankTensors]) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
     """Per module, the indices into its ranks (stacked bank after bank) of each group and of each bank.
 
     Computed per module because pruning may leave a bank different rank counts in different modules.
@@ -75,8 +79,7 @@ def rank_indices(groups: list[list[int]], per_bank: list[BankTensors]) -> dict[s
     for module in per_bank[0]:
         sizes = [tensors[module][0].shape[0] for tensors in per_bank]
         banks = tuple(torch.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes)))
-        members = range(1 + max(map(max, groups)))
-        out[module] = (tuple(torch.cat([banks[i] for i, tag in enumerate(groups) if g in tag]) for g in members), banks)
+        out[module] = (tuple(torch.cat([banks[i] for i in group]) for group in members), banks)
     return out
 
 

@@ -24,8 +24,9 @@ MUST_MATCH = {
     "method": lambda c: c.method,
 }
 
-# A bank to copy, its name in the merged store, and the routing groups it joins (ids in order of first appearance).
-Planned = tuple[MemoryStore, Bank, str, list[int]]
+# A bank to copy, its name in the merged store, and the routing groups it joins (ids in order of first appearance;
+# None when the merged store routes by token).
+Planned = tuple[MemoryStore, Bank, str, list[int] | None]
 
 
 def merge_stores(
@@ -54,17 +55,19 @@ def merge_stores(
         check_mergeable(stores[0], other)
     routing = _routing(routing, stores[0].config.method)
     plan, duplicates = merge_plan(stores, tasks)
+    if routing == "token":
+        plan = [(store, bank, name, None) for store, bank, name, _ in plan]
     calibration, evaluation = _prune_inputs(prune_below, data, eval_data)
     config = merged_config(stores[0].config, routing)
     with MemoryStore.building(out, config) as merged:
-        copies = [(bank, _copy(merged, store, bank, name, groups if routing == "source" else None)) for store, bank, name, groups in plan]
+        copies = [(bank, _copy(merged, store, bank, name, groups)) for store, bank, name, groups in plan]
         _check_shapes(copies)
         pruning = {}
         if prune_below is not None:
             pruning["prune"] = prune_store(merged, prune_below, data, calibration, evaluation, show_progress, trust_remote_code)
     return {
         "store": str(out), "sources": [str(s.path.resolve()) for s in stores], "deduplicated": duplicates, "routing": routing,
-        "banks": [{"bank": copy.path.name, "task": copy.name, "from": str(bank.path.resolve()), "routing_groups": groups if routing == "source" else None}
+        "banks": [{"bank": copy.path.name, "task": copy.name, "from": str(bank.path.resolve()), "routing_groups": groups}
                   for (bank, copy), (*_, groups) in zip(copies, plan)],
     } | pruning
 

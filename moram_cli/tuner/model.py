@@ -41,10 +41,10 @@ class MoramModel(BaseTuner):
         for name, (A, B) in stacked.items():
             layers[name].set_frozen(A, B)
 
-    def route_by_source(self, bank_groups: list[list[int]], ranks: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]) -> None:
-        """Answer each sequence with one group of banks (a source store's): `bank_groups[i]` holds bank i's group
-        positions, `ranks` maps each module to its rank indices per group and per bank."""
-        router = SourceRouter(bank_groups)
+    def route_by_source(self, members: list[list[int]], ranks: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]) -> None:
+        """Answer each sequence with one group of banks (a source store's): `members[g]` lists group g's banks,
+        `ranks` maps each module to its rank indices per group and per bank."""
+        router = SourceRouter(members, banks=len(next(iter(ranks.values()))[1]))
         for name, layer in self.moram_layers().items():
             layer.router, (layer.rank_groups, layer.rank_banks) = router, ranks[name]
         router.attach(self.model)

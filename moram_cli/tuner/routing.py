@@ -24,16 +24,15 @@ from moram_cli.tuner.gating import rank_gate
 class SourceRouter:
     """Picks one rank group (a source's banks) per sequence; layers then gate within it (see `gate`).
 
-    `bank_groups[i]` lists the groups bank i belongs to: a bank two sources
-    share belongs to both. Each layer passes its own rank-index tensors, per
-    group and per bank, into its stacked ranks. A forward call that continues
-    a cached sequence keeps the choice made on its prompt.
+    `members[g]` lists the banks of group g: a bank two sources share is in
+    both. Each layer passes its own rank-index tensors, per group and per
+    bank, into its stacked ranks. A forward call that continues a cached
+    sequence keeps the choice made on its prompt.
     """
 
-    def __init__(self, bank_groups: list[list[int]]) -> None:
-        self.banks = len(bank_groups)
-        self.members = [[bank for bank, groups in enumerate(bank_groups) if group in groups]
-                        for group in range(1 + max(max(groups) for groups in bank_groups))]
+    def __init__(self, members: list[list[int]], banks: int) -> None:
+        self.members = members
+        self.banks = banks
         self.measuring = False
         self.chosen: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
