@@ -8,8 +8,8 @@ first-task learning rate (and MoRAM's temperature, k and threshold), then
 its rate for later tasks, are tuned on dev splits carved from the training
 files, never on a test file, with the same budget per trial. Every stage's
 result is cached as JSON in the work directory, so a rerun resumes where the
-last one stopped. The defaults take about 1¾ hours on 2 CPU cores
-(bench/README.md says why these sizes).
+last one stopped. The defaults take about 1¾ hours on 2 CPU cores, and
+about an hour with `--jobs 2` (bench/README.md says why these sizes).
 
     python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 128 train / 80 test
     python bench/cl_benchmark.py --order dbpedia,amazon --n-train 100 --no-tune
@@ -18,8 +18,11 @@ last one stopped. The defaults take about 1¾ hours on 2 CPU cores
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
+import multiprocessing
+import os
 import random
 import shutil
 import sys
@@ -38,8 +41,11 @@ from moram_cli.training.learn import learn_task
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENTIAL = ("moram", "lora", "inclora")
-# The same two rates for every method: a task of 32 steps wants rates above the usual LoRA ones.
-LR_GRIDS = {"moram": [2e-3, 4e-3], "lora": [2e-3, 4e-3], "inclora": [2e-3, 4e-3], "mtl": [2e-3, 4e-3]}
+# Three doublings per method around its best first-task rate: a task of 32 steps wants rates above the usual LoRA ones.
+# MoRAM's sit one doubling higher: its gate weights sum to 1 over k experts, so a step moves its output a fraction of
+# what the same step moves a LoRA's (a pilot on dbpedia dev, tau 0.1, k 8: 0.75 / 0.91 / 0.41 at 8e-3 / 1.6e-2 / 3.2e-2,
+# where IncLoRA scored 0.78 at 8e-3 and 0.53 at 1.6e-2).
+LR_GRIDS = {"moram": [8e-3, 1.6e-2, 3.2e-2], "lora": [4e-3, 8e-3, 1.6e-2], "inclora": [4e-3, 8e-3, 1.6e-2], "mtl": [4e-3, 8e-3, 1.6e-2]}
 # What defines a run: a work directory holding stages of another run is refused rather than mixed in.
 RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "epochs", "batch_size", "max_length", "seed")
 
@@ -69,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-tune", action="store_true", help="skip tuning: take the first value of every grid")
     p.add_argument("--work-dir", type=Path, default=REPO / "bench" / "work", help="stores, data samples and cached stages")
     p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods run side by side in this many processes, the CPU threads split between them (2 on 2 cores is "
+                        "about 1.6 times as fast as 1: one small model does not keep two threads busy); progress bars need --jobs 1")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -102,6 +111,7 @@ class Benchmark:
         if unknown:
             raise MoramError(f"--methods: unknown method {sorted(unknown)[0]!r}; use any of {', '.join(LR_GRIDS)}")
         self.wall: dict[str, float] = {}
+        self.progress = not args.quiet and args.jobs == 1
 
     def stage(self, name: str, compute) -> dict:
         """`compute(store_dir)`'s result, from the cache when this stage finished before; a half-done store is started over."""
@@ -148,7 +158,7 @@ class Benchmark:
         return self.summary(store, setting)
 
     def learn(self, store: Path, task: str, split: str, **overrides) -> None:
-        learn_task(store, self.data(task, "train"), name=task, eval_data=self.data(task, split), show_progress=not self.args.quiet,
+        learn_task(store, self.data(task, "train"), name=task, eval_data=self.data(task, split), show_progress=self.progress,
                    **overrides)
 
     def summary(self, store: Path, setting: dict) -> dict:
@@ -163,12 +173,12 @@ class Benchmark:
         lines = [line for task in tasks for line in self.data(task, "train").read_text(encoding="utf-8").splitlines()]
         random.Random(self.args.seed).shuffle(lines)
         union.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        learn_task(store, union, name="mtl", show_progress=not self.args.quiet)
+        learn_task(store, union, name="mtl", show_progress=self.progress)
         per_task = [self.accuracy(store, task, split) for task in tasks]
         return {"setting": setting, "per_task": per_task, "avg_acc": sum(per_task) / len(per_task)}
 
     def accuracy(self, store: Path, task: str, split: str, base_only: bool = False) -> float:
-        return evaluate_store(store, self.data(task, split), base_only=base_only, show_progress=not self.args.quiet)["accuracy"]
+        return evaluate_store(store, self.data(task, split), base_only=base_only, show_progress=self.progress)["accuracy"]
 
     def zero_shot(self, store: Path) -> dict:
         init_store(store, base_model=self.args.base_model)
@@ -247,22 +257,55 @@ def check_work_dir(args: argparse.Namespace) -> None:
 
 def benchmark(args: argparse.Namespace) -> dict:
     """Run (or resume) every stage; returns the results record."""
+    started = time.time()
     check_work_dir(args)
     bench = Benchmark(args)
     prepare_data(args, bench.order)
     candidates, tuning, methods = grids(args), {}, {}
-    for method in bench.methods:
-        tuning[method] = bench.tune(method, candidates[method], _floats(args.later_lr_grid))
-        final = bench.run(method, tuning[method]["chosen"], bench.order, "test")
+    for method, outcome in zip(bench.methods, _each_method(args, bench.methods, candidates)):
+        tuning[method], final = outcome["tuning"], outcome["final"]
+        bench.wall |= outcome["wall"]
         methods[method] = {k: final[k] for k in (("avg_acc", "per_task") if method == "mtl" else ("matrix", "avg_acc", "bwt", "fwt", "forgetting"))}
     zero = bench.stage("zero-shot", bench.zero_shot)
     methods["zero_shot"] = {"per_task": zero["per_task"], "avg_acc": zero["avg_acc"]}
-    settings = {key: getattr(args, key) for key in ("r", "epochs", "batch_size", "max_length", "seed", "n_dev", "later_lr_grid")}
+    settings = {key: getattr(args, key) for key in ("r", "epochs", "batch_size", "max_length", "seed", "n_dev", "later_lr_grid", "jobs")}
     settings |= {"tasks_dir": str(args.tasks_dir), "tool_version": __version__}
     settings |= {"lora_rank": args.r * len(bench.order), "grids": {m: candidates[m] for m in bench.methods}, "tuning": tuning,
                  "chosen": {m: t["chosen"] for m, t in tuning.items()}, "stage_wall_seconds": bench.wall}
     return {"model": zero["model"], "order": bench.order, "n_train": args.n_train, "n_test": args.n_test, "settings": settings,
-            "wall_seconds": round(sum(bench.wall.values()), 1), "methods": methods}
+            "wall_seconds": round(sum(bench.wall.values()), 1), "elapsed_seconds": round(time.time() - started, 1), "methods": methods}
+
+
+def tune_and_run(args: argparse.Namespace, method: str, candidates: list[dict]) -> dict:
+    """One method's tuning and final run: what a worker of `--jobs` does."""
+    bench = Benchmark(args)
+    tuning = bench.tune(method, candidates, _floats(args.later_lr_grid))
+    final = bench.run(method, tuning["chosen"], bench.order, "test")
+    return {"tuning": tuning, "final": final, "wall": bench.wall}
+
+
+def _each_method(args: argparse.Namespace, methods: list[str], candidates: dict[str, list[dict]]) -> list[dict]:
+    """`tune_and_run` for every method, in order, or in `args.jobs` spawned processes (a forked torch can hang)."""
+    if args.jobs <= 1:
+        return [tune_and_run(args, m, candidates[m]) for m in methods]
+    threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_start_worker, initargs=(args, threads)) as pool:
+        return list(pool.map(tune_and_run, [args] * len(methods), methods, [candidates[m] for m in methods]))
+
+
+def _start_worker(args: argparse.Namespace, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if args.quiet:
+        _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its weight-loading bar, once per store the run opens
 
 
 def markdown_report(result: dict) -> str:
@@ -315,9 +358,7 @@ def _say(args: argparse.Namespace, message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # its weight-loading bar, once per store the run opens
+        _quiet_transformers()
     try:
         result = benchmark(args)
     except MoramError as err:

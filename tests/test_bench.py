@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,19 @@ def test_the_benchmark_runs_every_method_and_resumes_from_its_stages(bench, tmp_
     assert (tmp_path / "results" / "cl-benchmark.png").stat().st_size > 0
     monkeypatch.setattr(bench, "learn_task", lambda *a, **k: pytest.fail("a finished stage ran again"))
     assert run(bench, tmp_path, tasks_dir, tiny_model_dir, "--no-tune")["methods"] == methods
+
+
+def test_jobs_run_the_methods_in_processes_whose_stages_a_rerun_reuses(bench, tmp_path, tasks_dir, tiny_model_dir, monkeypatch):
+    # Spawned workers import the script by name, as a user's `python bench/cl_benchmark.py` does through __main__.
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    monkeypatch.setitem(sys.modules, "cl_benchmark", bench)
+    result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--no-tune", "--methods", "moram,inclora,mtl", "--jobs", "2")
+    assert set(result["methods"]) == {"moram", "inclora", "mtl", "zero_shot"} and result["settings"]["jobs"] == 2
+    assert len(result["methods"]["inclora"]["matrix"]) == 2 and len(result["methods"]["mtl"]["per_task"]) == 2
+    assert {name.split("-")[1] for name in result["settings"]["stage_wall_seconds"]} == {"moram", "inclora", "mtl", "shot"}
+    monkeypatch.setattr(bench, "learn_task", lambda *a, **k: pytest.fail("a finished stage ran again"))
+    again = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--no-tune", "--methods", "moram,inclora,mtl")
+    assert again["methods"] == result["methods"]
 
 
 def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench, tmp_path, tasks_dir, tiny_model_dir):
