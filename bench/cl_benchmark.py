@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR,LR", help=f"learning rates to try; defaults {LR_GRIDS}")
     p.add_argument("--temperature-grid", default="0.03,0.1", help="MoRAM temperatures to try")
     p.add_argument("--k-grid", default="4,8", help="MoRAM activation budgets to try")
-    p.add_argument("--threshold-grid", default="0", help="MoRAM inference thresholds to try")
+    p.add_argument("--threshold-grid", default="0,0.2", help="MoRAM inference thresholds to try (0.2: the paper's LLM runs)")
     p.add_argument("--no-tune", action="store_true", help="skip tuning: take the first value of every grid")
     p.add_argument("--work-dir", type=Path, default=REPO / "bench" / "work", help="stores, data samples and cached stages")
     p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
