@@ -8,8 +8,8 @@ first-task learning rate (and MoRAM's temperature, k and threshold), then
 its rate for later tasks, are tuned on dev splits carved from the training
 files, never on a test file, with the same budget per trial. Every stage's
 result is cached as JSON in the work directory, so a rerun resumes where the
-last one stopped. The defaults take about 1¾ hours on 2 CPU cores, and
-about an hour with `--jobs 2` (bench/README.md says why these sizes).
+last one stopped. The defaults take about 1½ hours on 2 CPU cores
+(bench/README.md says why these sizes).
 
     python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 128 train / 80 test
     python bench/cl_benchmark.py --order dbpedia,amazon --n-train 100 --no-tune
@@ -76,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=REPO / "bench" / "work", help="stores, data samples and cached stages")
     p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--jobs", type=int, default=1,
-                   help="methods run side by side in this many processes, the CPU threads split between them (2 on 2 cores is "
-                        "about 1.6 times as fast as 1: one small model does not keep two threads busy); progress bars need --jobs 1")
+                   help="methods run side by side in this many processes, the CPU threads split between them: for machines with "
+                        "more cores than one small model keeps busy (on 2 cores, 2 jobs gain about 10%%); progress bars need --jobs 1")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 

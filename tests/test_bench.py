@@ -73,10 +73,11 @@ def test_jobs_run_the_methods_in_processes_whose_stages_a_rerun_reuses(bench, tm
 
 def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench, tmp_path, tasks_dir, tiny_model_dir):
     result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--methods", "moram", "--lr-grid", "moram=1e-2,2e-2",
-                 "--temperature-grid", "0.05", "--k-grid", "2,3", "--later-lr-grid", "3e-3,5e-3")
+                 "--temperature-grid", "0.05", "--k-grid", "2,3", "--threshold-grid", "0.1", "--later-lr-grid", "3e-3,5e-3")
     tuning = result["settings"]["tuning"]["moram"]
-    tried = [(t["setting"]["lr"], t["setting"]["temperature"], t["setting"]["k"]) for t in tuning["trials"]]
-    assert tried == [(1e-2, 0.05, 2), (1e-2, 0.05, 3), (2e-2, 0.05, 2), (2e-2, 0.05, 3)] and tuning["tasks"] == ["one", "two"]
+    tried = [tuple(t["setting"][key] for key in ("lr", "temperature", "k", "threshold")) for t in tuning["trials"]]
+    assert tried == [(1e-2, 0.05, 2, 0.1), (1e-2, 0.05, 3, 0.1), (2e-2, 0.05, 2, 0.1), (2e-2, 0.05, 3, 0.1)]
+    assert tuning["tasks"] == ["one", "two"]
     first = {k: v for k, v in tuning["chosen"].items() if k != "later_lr"}
     assert first in [t["setting"] for t in tuning["trials"]]
     assert [t["setting"] for t in tuning["later_trials"]] == [first | {"later_lr": 3e-3}, first | {"later_lr": 5e-3}]
@@ -90,8 +91,9 @@ def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench
         winner = stores / bench.stage_name("tune", "moram", first) / "banks" / banks[0].name
         assert (banks[0] / "weights.safetensors").read_bytes() == (winner / "weights.safetensors").read_bytes()
         assert yaml.safe_load((banks[1] / "bank.yaml").read_text())["hyperparameters"]["lr"] == rate
-    final = yaml.safe_load(next(stores.glob("final-moram-*")).joinpath("store.yaml").read_text())["training"]
-    assert final["later_lr"] == tuning["chosen"]["later_lr"] and final["lr"] == first["lr"]
+    final = yaml.safe_load(next(stores.glob("final-moram-*")).joinpath("store.yaml").read_text())
+    assert final["training"]["later_lr"] == tuning["chosen"]["later_lr"] and final["training"]["lr"] == first["lr"]
+    assert final["adapter"]["threshold"] == 0.1
 
 
 def test_the_merge_benchmark_scores_every_task_from_its_own_and_each_merged_store(tmp_path, tasks_dir, tiny_model_dir):

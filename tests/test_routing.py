@@ -84,15 +84,17 @@ def test_each_input_is_answered_exactly_as_by_the_source_its_experts_pick(make_s
     assert router.chosen.tolist() == [0, 1]
 
 
-def test_a_cached_continuation_keeps_its_prompts_choice(make_store, tmp_path):
+# Callers still on transformers' deprecated name (until 5.40) pass the cache as past_key_values.
+@pytest.mark.parametrize("cache_kwarg", ["cache", pytest.param("past_key_values", marks=pytest.mark.filterwarnings("ignore::FutureWarning"))])
+def test_a_cached_continuation_keeps_its_prompts_choice(make_store, tmp_path, cache_kwarg):
     merged, router, sources = _merged_and_sources(make_store, tmp_path)
     torch.manual_seed(3)
     prompt, rest = torch.randint(3, 40, (1, 9)), torch.randint(3, 40, (3, 4))
     with torch.no_grad():
-        cache = merged(input_ids=prompt, use_cache=True).past_key_values
+        cache = merged(input_ids=prompt, use_cache=True).cache
         choice = int(router.chosen)
         cache.batch_repeat_interleave(3)
-        continued = merged(input_ids=rest, past_key_values=cache).logits
+        continued = merged(input_ids=rest, **{cache_kwarg: cache}).logits
     assert router.chosen.tolist() == [choice] * 3
     whole = _logits(sources[choice], torch.cat([prompt.expand(3, -1), rest], dim=1))[:, -4:]
     torch.testing.assert_close(continued, whole, atol=1e-5, rtol=1e-5)

@@ -22,12 +22,12 @@ def choose(model, tokenizer, prompt: str, candidates: list[str], max_length: int
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
     scores = torch.tensor([first[c[0]].item() for c in cand_ids])
     if longest > 1:
-        cache = out.past_key_values
+        cache = out.cache
         cache.batch_repeat_interleave(len(cand_ids))
         pad = tokenizer.pad_token_id
         rest = torch.tensor([c[:-1] + [pad] * (longest - len(c)) for c in cand_ids], device=device)
         # Right padding needs no mask: causal attention never lets a pad influence an earlier position.
-        logp = F.log_softmax(model(input_ids=rest, past_key_values=cache).logits.float(), dim=-1).cpu()
+        logp = F.log_softmax(model(input_ids=rest, cache=cache).logits.float(), dim=-1).cpu()
         for j, c in enumerate(cand_ids):
             scores[j] += sum(logp[j, t - 1, c[t]].item() for t in range(1, len(c)))
     return int(scores.argmax()), cut
