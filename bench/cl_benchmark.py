@@ -41,7 +41,8 @@ from moram_cli.training.learn import learn_task
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENTIAL = ("moram", "lora", "inclora")
-# Three doublings per method around its best first-task rate: a task of 32 steps wants rates above the usual LoRA ones.
+# Three doublings per method: a task of 32 steps wants rates above the usual LoRA ones, and with 2e-3 and 4e-3 every
+# method chose the top rate (SeqLoRA and multi-task now choose the bottom one, where 2e-3 had scored lower).
 # MoRAM's sit one doubling higher: its gate weights sum to 1 over k experts, so a step moves its output a fraction of
 # what the same step moves a LoRA's (a pilot on dbpedia dev, tau 0.1, k 8: 0.75 / 0.91 / 0.41 at 8e-3 / 1.6e-2 / 3.2e-2,
 # where IncLoRA scored 0.78 at 8e-3 and 0.53 at 1.6e-2).
