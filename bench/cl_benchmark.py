@@ -48,7 +48,8 @@ SEQUENTIAL = ("moram", "lora", "inclora")
 # where IncLoRA scored 0.78 at 8e-3 and 0.53 at 1.6e-2).
 LR_GRIDS = {"moram": [8e-3, 1.6e-2, 3.2e-2], "lora": [4e-3, 8e-3, 1.6e-2], "inclora": [4e-3, 8e-3, 1.6e-2], "mtl": [4e-3, 8e-3, 1.6e-2]}
 # What defines a run: a work directory holding stages of another run is refused rather than mixed in.
-RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "epochs", "batch_size", "max_length", "seed")
+RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "target_modules", "epochs", "batch_size",
+            "max_length", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-dev", type=int, default=32, help="dev examples per task for tuning, the lines after the training ones")
     p.add_argument("--n-test", type=int, default=80, help="test examples per task (the head of its test.jsonl)")
     p.add_argument("--r", type=int, default=8, help="ranks per task (moram, inclora); lora and mtl get r x tasks, the same total rank")
+    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj",
+                   help="the adapted modules of every method (the paper's LLM runs); with q_proj,k_proj alone no baseline forgot")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=4, help="4: 32 optimiser steps per task at the default size")
     p.add_argument("--max-length", type=int, default=320, help="prompts are cut in the middle to fit; only yelp's longest reviews are")
@@ -138,7 +141,8 @@ class Benchmark:
         a = self.args
         r = a.r if method in ("moram", "inclora") else a.r * len(self.order)
         gate = {k: setting[k] for k in ("temperature", "k", "threshold") if k in setting}
-        return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r, "lr": setting["lr"],
+        return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r,
+                "target_modules": a.target_modules.split(","), "lr": setting["lr"],
                 "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length, "seed": a.seed, **gate}
 
     def sequence(self, store: Path, method: str, setting: dict, tasks: list[str], split: str) -> dict:
@@ -269,7 +273,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         methods[method] = {k: final[k] for k in (("avg_acc", "per_task") if method == "mtl" else ("matrix", "avg_acc", "bwt", "fwt", "forgetting"))}
     zero = bench.stage("zero-shot", bench.zero_shot)
     methods["zero_shot"] = {"per_task": zero["per_task"], "avg_acc": zero["avg_acc"]}
-    settings = {key: getattr(args, key) for key in ("r", "epochs", "batch_size", "max_length", "seed", "n_dev", "later_lr_grid", "jobs")}
+    settings = {key: getattr(args, key) for key in ("r", "target_modules", "epochs", "batch_size", "max_length", "seed", "n_dev", "later_lr_grid", "jobs")}
     settings |= {"tasks_dir": str(args.tasks_dir), "tool_version": __version__}
     settings |= {"lora_rank": args.r * len(bench.order), "grids": {m: candidates[m] for m in bench.methods}, "tuning": tuning,
                  "chosen": {m: t["chosen"] for m, t in tuning.items()}, "stage_wall_seconds": bench.wall}
