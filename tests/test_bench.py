@@ -74,7 +74,8 @@ def test_jobs_run_the_methods_in_processes_whose_stages_a_rerun_reuses(bench, tm
 
 def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench, tmp_path, tasks_dir, tiny_model_dir):
     result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--methods", "moram", "--lr-grid", "moram=1e-2,2e-2",
-                 "--temperature-grid", "0.05", "--k-grid", "2,3", "--threshold-grid", "0.1", "--later-lr-grid", "3e-3,5e-3")
+                 "--temperature-grid", "0.05", "--k-grid", "2,3", "--threshold-grid", "0.1", "--later-lr-grid", "3e-3,5e-3",
+                 "--target-modules", "q_proj,v_proj")
     tuning = result["settings"]["tuning"]["moram"]
     tried = [tuple(t["setting"][key] for key in ("lr", "temperature", "k", "threshold")) for t in tuning["trials"]]
     assert tried == [(1e-2, 0.05, 2, 0.1), (1e-2, 0.05, 3, 0.1), (2e-2, 0.05, 2, 0.1), (2e-2, 0.05, 3, 0.1)]
@@ -94,7 +95,8 @@ def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench
         assert yaml.safe_load((banks[1] / "bank.yaml").read_text())["hyperparameters"]["lr"] == rate
     final = yaml.safe_load(next(stores.glob("final-moram-*")).joinpath("store.yaml").read_text())
     assert final["training"]["later_lr"] == tuning["chosen"]["later_lr"] and final["training"]["lr"] == first["lr"]
-    assert final["adapter"]["threshold"] == 0.1
+    assert final["adapter"]["threshold"] == 0.1 and final["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    assert result["settings"]["target_modules"] == "q_proj,v_proj"
 
 
 def test_the_merge_benchmark_scores_every_task_from_its_own_and_each_merged_store(tmp_path, tasks_dir, tiny_model_dir):
