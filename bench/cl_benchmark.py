@@ -46,8 +46,8 @@ SEQUENTIAL = ("moram", "lora", "inclora")
 # 0.75 / 0.91 / 0.88 / 0.72 on dbpedia dev at 5e-4 / 1e-3 / 2e-3 / 4e-3. IncLoRA's rank 8 wants more (0.78 / 0.84 / 0.81
 # at 2e-3 / 4e-3 / 8e-3), and MoRAM one doubling more again (tau 0.1, k 4: 0.72 / 0.91 / 0.75 at 4e-3 / 8e-3 / 1.6e-2):
 # its gate weights sum to 1 over k experts, so a step moves its output a fraction of what the same step moves a LoRA's.
-LR_GRIDS = {"moram": [4e-3, 8e-3, 1.6e-2], "lora": [5e-4, 1e-3, 2e-3, 4e-3], "inclora": [2e-3, 4e-3, 8e-3],
-            "mtl": [5e-4, 1e-3, 2e-3, 4e-3]}
+RANK_32_LRS = [5e-4, 1e-3, 2e-3, 4e-3]
+LR_GRIDS = {"moram": [4e-3, 8e-3, 1.6e-2], "lora": RANK_32_LRS, "inclora": [2e-3, 4e-3, 8e-3], "mtl": RANK_32_LRS}
 # What defines a run: a work directory holding stages of another run is refused rather than mixed in.
 RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "target_modules", "epochs", "batch_size",
             "max_length", "seed")
