@@ -8,11 +8,13 @@ first-task learning rate (and MoRAM's temperature, k and threshold), then
 its rate for later tasks, are tuned on dev splits carved from the training
 files, never on a test file, with the same budget per trial. Every stage's
 result is cached as JSON in the work directory, so a rerun resumes where the
-last one stopped. The defaults take about 1½ hours on 2 CPU cores
-(bench/README.md says why these sizes).
+last one stopped. Tuning runs at one seed; each method's final sequence then
+runs at several, and the results are their means, because at this size one
+seed moves a method's average by 7 to 18 points. The defaults take about
+3 hours on 2 CPU cores (bench/README.md says why these sizes).
 
     python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 128 train / 80 test
-    python bench/cl_benchmark.py --order dbpedia,amazon --n-train 100 --no-tune
+    python bench/cl_benchmark.py --order dbpedia,amazon --n-train 100 --no-tune --num-seeds 1
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import multiprocessing
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 
 from moram_cli import __version__
 from moram_cli.errors import MoramError
-from moram_cli.evaluation.cl_metrics import shown
+from moram_cli.evaluation.cl_metrics import mean, shown
 from moram_cli.evaluation.continual import continual_report
 from moram_cli.evaluation.evaluate import evaluate_store
 from moram_cli.markdown import markdown_table
@@ -41,6 +44,9 @@ from moram_cli.training.learn import learn_task
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENTIAL = ("moram", "lora", "inclora")
+# What a final run measures: a task sequence's accuracy matrix and its metrics, or the multi-task adapter's accuracy per task.
+SEQUENCE_MEASURES = ("matrix", "avg_acc", "bwt", "fwt", "forgetting")
+MULTITASK_MEASURES = ("avg_acc", "per_task")
 # Rates bracket each method's best on a dev pilot (q, k, v and o adapted, the first task's 32 steps), so the chosen one
 # has a worse neighbour on each side. The rank-32 adapters (lora and mtl share a grid) want the lowest: SeqLoRA scored
 # 0.75 / 0.91 / 0.88 / 0.72 on dbpedia dev at 5e-4 / 1e-3 / 2e-3 / 4e-3. IncLoRA's rank 8 wants more (0.78 / 0.84 / 0.81
@@ -69,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=4, help="4: 32 optimiser steps per task at the default size")
     p.add_argument("--max-length", type=int, default=320, help="prompts are cut in the middle to fit; only yelp's longest reviews are")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of every tuning trial and of the first final run")
+    p.add_argument("--num-seeds", type=int, default=3,
+                   help="each method's final run repeats at seeds --seed, --seed+1, ...; the results are the means over them, each "
+                        "seed's numbers kept beside (each extra seed adds about 40 minutes on 2 cores)")
     p.add_argument("--later-lr-grid", default="5e-4,1e-3,2e-3",
                    help="rates to try for every task after the first (moram, lora, inclora): each continues the tuned first-task "
                         "store on the second task, and the best average dev accuracy over both tasks wins")
@@ -115,6 +124,8 @@ class Benchmark:
         unknown = set(self.methods) - set(LR_GRIDS)
         if unknown:
             raise MoramError(f"--methods: unknown method {sorted(unknown)[0]!r}; use any of {', '.join(LR_GRIDS)}")
+        if args.num_seeds < 1:
+            raise MoramError(f"--num-seeds {args.num_seeds}: every method needs at least one final run; pass 1 or more")
         self.wall: dict[str, float] = {}
         self.progress = not args.quiet and args.jobs == 1
 
@@ -144,7 +155,7 @@ class Benchmark:
         gate = {k: setting[k] for k in ("temperature", "k", "threshold") if k in setting}
         return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r,
                 "target_modules": a.target_modules.split(","), "lr": setting["lr"],
-                "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length, "seed": a.seed, **gate}
+                "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length, "seed": setting.get("seed", a.seed), **gate}
 
     def sequence(self, store: Path, method: str, setting: dict, tasks: list[str], split: str) -> dict:
         """Learn `tasks` in order, each scored with its `split` file; the accuracy matrix and its metrics."""
@@ -174,10 +185,11 @@ class Benchmark:
 
     def multitask(self, store: Path, setting: dict, tasks: list[str], split: str) -> dict:
         """One LoRA adapter with the total rank of the sequence, trained once on the shuffled union of the tasks' training data."""
-        init_store(store, **self.store_settings("mtl", setting))
-        union = self.work / "data" / f"union-{'-'.join(tasks)}.jsonl"
+        settings = self.store_settings("mtl", setting)
+        init_store(store, **settings)
+        union = self.work / "data" / f"union-{'-'.join(tasks)}-seed{settings['seed']}.jsonl"
         lines = [line for task in tasks for line in self.data(task, "train").read_text(encoding="utf-8").splitlines()]
-        random.Random(self.args.seed).shuffle(lines)
+        random.Random(settings["seed"]).shuffle(lines)
         union.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         learn_task(store, union, name="mtl", show_progress=self.progress)
         per_task = [self.accuracy(store, task, split) for task in tasks]
@@ -264,30 +276,50 @@ def check_work_dir(args: argparse.Namespace) -> None:
 def benchmark(args: argparse.Namespace) -> dict:
     """Run (or resume) every stage; returns the results record."""
     started = time.time()
-    check_work_dir(args)
     bench = Benchmark(args)
+    check_work_dir(args)
     prepare_data(args, bench.order)
     candidates, tuning, methods = grids(args), {}, {}
     for method, outcome in zip(bench.methods, _each_method(args, bench.methods, candidates)):
-        tuning[method], final = outcome["tuning"], outcome["final"]
+        tuning[method] = outcome["tuning"]
         bench.wall |= outcome["wall"]
-        methods[method] = {k: final[k] for k in (("avg_acc", "per_task") if method == "mtl" else ("matrix", "avg_acc", "bwt", "fwt", "forgetting"))}
+        methods[method] = over_seeds(outcome["finals"], final_seeds(args), MULTITASK_MEASURES if method == "mtl" else SEQUENCE_MEASURES)
     zero = bench.stage("zero-shot", bench.zero_shot)
     methods["zero_shot"] = {"per_task": zero["per_task"], "avg_acc": zero["avg_acc"]}
-    settings = {key: getattr(args, key) for key in ("r", "target_modules", "epochs", "batch_size", "max_length", "seed", "n_dev", "later_lr_grid", "jobs")}
-    settings |= {"tasks_dir": str(args.tasks_dir), "tool_version": __version__}
+    settings = {key: getattr(args, key) for key in ("r", "target_modules", "epochs", "batch_size", "max_length", "seed", "num_seeds", "n_dev",
+                                                    "later_lr_grid", "jobs")}
+    settings |= {"final_seeds": final_seeds(args), "tasks_dir": str(args.tasks_dir), "tool_version": __version__}
     settings |= {"lora_rank": args.r * len(bench.order), "grids": {m: candidates[m] for m in bench.methods}, "tuning": tuning,
                  "chosen": {m: t["chosen"] for m, t in tuning.items()}, "stage_wall_seconds": bench.wall}
     return {"model": zero["model"], "order": bench.order, "n_train": args.n_train, "n_test": args.n_test, "settings": settings,
             "wall_seconds": round(sum(bench.wall.values()), 1), "elapsed_seconds": round(time.time() - started, 1), "methods": methods}
 
 
+def final_seeds(args: argparse.Namespace) -> list[int]:
+    return list(range(args.seed, args.seed + args.num_seeds))
+
+
 def tune_and_run(args: argparse.Namespace, method: str, candidates: list[dict]) -> dict:
-    """One method's tuning and final run: what a worker of `--jobs` does."""
+    """One method's tuning and its final run at each seed: what a worker of `--jobs` does."""
     bench = Benchmark(args)
     tuning = bench.tune(method, candidates, _floats(args.later_lr_grid))
-    final = bench.run(method, tuning["chosen"], bench.order, "test")
-    return {"tuning": tuning, "final": final, "wall": bench.wall}
+    finals = [bench.run(method, tuning["chosen"] | {"seed": seed}, bench.order, "test") for seed in final_seeds(args)]
+    return {"tuning": tuning, "finals": finals, "wall": bench.wall}
+
+
+def over_seeds(finals: list[dict], seeds: list[int], measures: tuple[str, ...]) -> dict:
+    """Each measure's mean over the seeds' final runs (cell by cell for a row or matrix), the spread of the average
+    accuracy (sample standard deviation), and each seed's own numbers so every mean can be recomputed."""
+    record = {key: _mean_of([final[key] for final in finals]) for key in measures}
+    record["avg_acc_sd"] = statistics.stdev(final["avg_acc"] for final in finals) if len(finals) > 1 else None
+    record["seeds"] = [{"seed": seed} | {key: final[key] for key in measures} for seed, final in zip(seeds, finals)]
+    return record
+
+
+def _mean_of(values: list):
+    if isinstance(values[0], list):
+        return [_mean_of(list(cells)) for cells in zip(*values)]
+    return mean(values)["value"]
 
 
 def _each_method(args: argparse.Namespace, methods: list[str], candidates: dict[str, list[dict]]) -> list[dict]:
@@ -315,17 +347,21 @@ def _quiet_transformers() -> None:
 
 
 def markdown_report(result: dict) -> str:
-    """A summary table (one row per method: average accuracy, BWT, FWT, final accuracy per task) and each method's matrix."""
+    """A summary table of the means over seeds (one row per method: average accuracy and its spread, BWT, FWT, final
+    accuracy per task), each seed's average accuracy and BWT, and each method's mean matrix."""
     order, methods = result["order"], result["methods"]
     rows = []
     for name, m in methods.items():
         final = m["matrix"][-1] if "matrix" in m else m["per_task"]
-        rows.append([name, shown(m["avg_acc"]), shown(m.get("bwt")), shown(m.get("fwt")), *map(shown, final)])
-    parts = [markdown_table(["method", "avg acc", "BWT", "FWT", *order], rows)]
+        rows.append([name, shown(m["avg_acc"]), shown(m.get("avg_acc_sd")), shown(m.get("bwt")), shown(m.get("fwt")), *map(shown, final)])
+    seeds = [[name, str(s["seed"]), shown(s["avg_acc"]), shown(s.get("bwt"))] for name, m in methods.items() for s in m.get("seeds", [])]
+    parts = [f"Means over the final runs at seeds {', '.join(map(str, result['settings']['final_seeds']))}; "
+             f"tuning ran at seed {result['settings']['seed']}.", markdown_table(["method", "avg acc", "sd", "BWT", "FWT", *order], rows),
+             "Each seed's final run:", markdown_table(["method", "seed", "avg acc", "BWT"], seeds)]
     for name, m in methods.items():
         if "matrix" in m:
             matrix = [[f"after {order[i]}", *map(shown, row), *[""] * (len(order) - len(row))] for i, row in enumerate(m["matrix"])]
-            parts.append(f"{name}: accuracy on each task (columns) after each task (rows)\n\n" + markdown_table(["", *order], matrix))
+            parts.append(f"{name}: mean accuracy on each task (columns) after each task (rows)\n\n" + markdown_table(["", *order], matrix))
     return "\n\n".join(parts) + "\n"
 
 
@@ -343,6 +379,7 @@ def plot(result: dict, path: Path) -> None:
                 ax.axhline(m["per_task"][j], linestyle="--", color="grey" if name == "zero_shot" else "black", label=name)
         ax.set(title=order[j], xlabel="after task", ylim=(0, 1), xticks=range(1, len(order) + 1))
     figure.axes[0].set_ylabel("accuracy")
+    figure.suptitle(f"means over seeds {', '.join(map(str, result['settings']['final_seeds']))}", fontsize="medium")
     figure.axes[-1].legend(fontsize="small")
     figure.savefig(path)
 

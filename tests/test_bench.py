@@ -36,7 +36,7 @@ def tasks_dir(tmp_path, write_jsonl):
 def run(bench, tmp_path, tasks_dir, tiny_model_dir, *flags) -> dict:
     argv = ["--tasks-dir", str(tasks_dir), "--order", "one,two", "--base-model", str(tiny_model_dir), "--n-train", "8",
             "--n-dev", "4", "--n-test", "6", "--r", "2", "--batch-size", "4", "--work-dir", str(tmp_path / "work"),
-            "--results-dir", str(tmp_path / "results"), "--quiet", *flags]
+            "--results-dir", str(tmp_path / "results"), "--quiet", "--num-seeds", "1", *flags]
     assert bench.main(argv) == 0
     return json.loads((tmp_path / "results" / "cl-benchmark.json").read_text())
 
@@ -52,10 +52,37 @@ def test_the_benchmark_runs_every_method_and_resumes_from_its_stages(bench, tmp_
     chosen = result["settings"]["chosen"]
     assert result["settings"]["lora_rank"] == 4 and chosen["moram"]["lr"] == bench.LR_GRIDS["moram"][0]
     assert chosen["lora"]["later_lr"] == 5e-4 and "later_lr" not in chosen["mtl"]
-    assert "| method | avg acc | BWT | FWT | one | two |" in (tmp_path / "results" / "cl-benchmark.md").read_text()
+    assert "| method | avg acc | sd | BWT | FWT | one | two |" in (tmp_path / "results" / "cl-benchmark.md").read_text()
     assert (tmp_path / "results" / "cl-benchmark.png").stat().st_size > 0
     monkeypatch.setattr(bench, "learn_task", lambda *a, **k: pytest.fail("a finished stage ran again"))
     assert run(bench, tmp_path, tasks_dir, tiny_model_dir, "--no-tune")["methods"] == methods
+
+
+def test_finals_repeat_at_each_seed_and_the_results_are_their_means(bench, tmp_path, tasks_dir, tiny_model_dir):
+    result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--no-tune", "--methods", "moram,mtl", "--seed", "3", "--num-seeds", "2")
+    assert result["settings"]["final_seeds"] == [3, 4]
+    moram, mtl = result["methods"]["moram"], result["methods"]["mtl"]
+    assert [s["seed"] for s in moram["seeds"]] == [3, 4] and [s["seed"] for s in mtl["seeds"]] == [3, 4]
+    first, second = moram["seeds"]
+    assert moram["matrix"][1][0] == pytest.approx((first["matrix"][1][0] + second["matrix"][1][0]) / 2)
+    assert moram["bwt"] == pytest.approx((first["bwt"] + second["bwt"]) / 2)
+    assert mtl["avg_acc"] == pytest.approx(sum(s["avg_acc"] for s in mtl["seeds"]) / 2) and mtl["avg_acc_sd"] is not None
+    stores = tmp_path / "work" / "stores"
+    # Each seed is its own training run: its own store, seeded in full, and for multi-task its own shuffle of the union.
+    for seed in (3, 4):
+        store = next(stores.glob(f"final-moram-*-seed{seed}"))
+        assert yaml.safe_load((store / "store.yaml").read_text())["training"]["seed"] == seed
+    unions = [(tmp_path / "work" / "data" / f"union-one-two-seed{seed}.jsonl").read_text() for seed in (3, 4)]
+    assert unions[0] != unions[1] and sorted(unions[0].splitlines()) == sorted(unions[1].splitlines())
+    assert "| method | seed | avg acc | BWT |" in (tmp_path / "results" / "cl-benchmark.md").read_text()
+
+
+def test_a_run_without_a_final_seed_is_refused(bench, tmp_path, tasks_dir, tiny_model_dir, capsys):
+    argv = ["--tasks-dir", str(tasks_dir), "--order", "one,two", "--base-model", str(tiny_model_dir), "--num-seeds", "0",
+            "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")]
+    assert bench.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --num-seeds 0: every method needs at least one final run; pass 1 or more"]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
 
 
 def test_jobs_run_the_methods_in_processes_whose_stages_a_rerun_reuses(bench, tmp_path, tasks_dir, tiny_model_dir, monkeypatch):
