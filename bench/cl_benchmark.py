@@ -43,7 +43,6 @@ from moram_cli.store.init import init_store
 from moram_cli.training.learn import learn_task
 
 REPO = Path(__file__).resolve().parents[1]
-SEQUENTIAL = ("moram", "lora", "inclora")
 # What a final run measures: a task sequence's accuracy matrix and its metrics, or the multi-task adapter's accuracy per task.
 SEQUENCE_MEASURES = ("matrix", "avg_acc", "bwt", "fwt", "forgetting")
 MULTITASK_MEASURES = ("avg_acc", "per_task")
