@@ -33,11 +33,14 @@ def tasks_dir(tmp_path, write_jsonl):
     return tmp_path / "tasks"
 
 
-def run(bench, tmp_path, tasks_dir, tiny_model_dir, *flags) -> dict:
-    argv = ["--tasks-dir", str(tasks_dir), "--order", "one,two", "--base-model", str(tiny_model_dir), "--n-train", "8",
+def bench_argv(tmp_path, tasks_dir, tiny_model_dir, *flags) -> list[str]:
+    return ["--tasks-dir", str(tasks_dir), "--order", "one,two", "--base-model", str(tiny_model_dir), "--n-train", "8",
             "--n-dev", "4", "--n-test", "6", "--r", "2", "--batch-size", "4", "--work-dir", str(tmp_path / "work"),
             "--results-dir", str(tmp_path / "results"), "--quiet", "--num-seeds", "1", *flags]
-    assert bench.main(argv) == 0
+
+
+def run(bench, tmp_path, tasks_dir, tiny_model_dir, *flags) -> dict:
+    assert bench.main(bench_argv(tmp_path, tasks_dir, tiny_model_dir, *flags)) == 0
     return json.loads((tmp_path / "results" / "cl-benchmark.json").read_text())
 
 
@@ -78,9 +81,7 @@ def test_finals_repeat_at_each_seed_and_the_results_are_their_means(bench, tmp_p
 
 
 def test_a_run_without_a_final_seed_is_refused(bench, tmp_path, tasks_dir, tiny_model_dir, capsys):
-    argv = ["--tasks-dir", str(tasks_dir), "--order", "one,two", "--base-model", str(tiny_model_dir), "--num-seeds", "0",
-            "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")]
-    assert bench.main(argv) == 2
+    assert bench.main(bench_argv(tmp_path, tasks_dir, tiny_model_dir, "--num-seeds", "0")) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: --num-seeds 0: every method needs at least one final run; pass 1 or more"]
     assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
 
