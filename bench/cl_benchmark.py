@@ -53,6 +53,11 @@ MULTITASK_MEASURES = ("avg_acc", "per_task")
 # its gate weights sum to 1 over k experts, so a step moves its output a fraction of what the same step moves a LoRA's.
 RANK_32_LRS = [5e-4, 1e-3, 2e-3, 4e-3]
 LR_GRIDS = {"moram": [4e-3, 8e-3, 1.6e-2], "lora": RANK_32_LRS, "inclora": [2e-3, 4e-3, 8e-3], "mtl": RANK_32_LRS}
+# MoRAM's gate settings that act across banks: k picks among the ranks of every task learned so far, and δ compares
+# each rank's share of the norm over all of them. The first task alone cannot judge them (with r = 8, k = 8 keeps every
+# rank, and each share shrinks as ranks accumulate), so the second round continues the best first-round setting of each
+# combination of their values.
+CROSS_BANK_KEYS = ("k", "threshold")
 # What defines a run: a work directory holding stages of another run is refused rather than mixed in.
 RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r", "target_modules", "epochs", "batch_size",
             "max_length", "seed")
@@ -80,11 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "seed's numbers kept beside (each extra seed adds about 40 minutes on 2 cores)")
     p.add_argument("--later-lr-grid", default="5e-4,1e-3,2e-3",
                    help="rates to try for every task after the first (moram, lora, inclora): each continues the tuned first-task "
-                        "store on the second task, and the best average dev accuracy over both tasks wins")
+                        "store (MoRAM's best of each k and threshold) on the second task, and the best average dev accuracy over "
+                        "both tasks wins")
     p.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR,LR", help=f"learning rates to try; defaults {LR_GRIDS}")
     p.add_argument("--temperature-grid", default="0.03,0.1", help="MoRAM temperatures to try")
-    p.add_argument("--k-grid", default="4,8", help="MoRAM activation budgets to try")
-    p.add_argument("--threshold-grid", default="0,0.2", help="MoRAM inference thresholds to try (0.2: the paper's LLM runs)")
+    p.add_argument("--k-grid", default="4,8", help="MoRAM activation budgets to try (judged again on the second task)")
+    p.add_argument("--threshold-grid", default="0,0.2",
+                   help="MoRAM inference thresholds to try (0.2: the paper's LLM runs; judged again on the second task)")
     p.add_argument("--no-tune", action="store_true", help="skip tuning: take the first value of every grid")
     p.add_argument("--work-dir", type=Path, default=REPO / "bench" / "work", help="stores, data samples and cached stages")
     p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
@@ -213,19 +220,20 @@ class Benchmark:
         """Two rounds on dev splits, the best average dev accuracy winning each (the earlier on a tie).
 
         First every candidate learns the first task; then the winner's store
-        learns the second task at each later rate, so that rate is chosen for
-        what it learns and what it makes the first task forget.
+        (for MoRAM, the best store of each k and δ) learns the second task at
+        each later rate, so the rate, k and δ are chosen for what the second
+        task learns and what it makes the first forget.
         """
         has_later = method != "mtl" and len(self.order) > 1
         if self.args.no_tune:
             return {"chosen": candidates[0] | ({"later_lr": later_rates[0]} if has_later else {}), "trials": []}
         trials = [{"setting": s, "dev_avg_acc": self.run(method, s, self.order[:1], "dev")["avg_acc"]} for s in candidates]
-        chosen = _best(trials)
         if not has_later:
-            return {"chosen": chosen, "trials": trials, "tasks": self.order[:1]}
+            return {"chosen": _best(trials), "trials": trials, "tasks": self.order[:1]}
         later = []
-        for setting in (chosen | {"later_lr": rate} for rate in later_rates):
-            trial = self.stage(stage_name("tune2", method, setting), lambda store: self.continue_sequence(store, method, chosen, setting))
+        for first, rate in itertools.product(_leaders(trials), later_rates):
+            setting = first | {"later_lr": rate}
+            trial = self.stage(stage_name("tune2", method, setting), lambda store: self.continue_sequence(store, method, first, setting))
             later.append({"setting": setting, "dev_avg_acc": trial["avg_acc"]})
         return {"chosen": _best(later), "trials": trials, "later_trials": later, "tasks": self.order[:2]}
 
@@ -236,6 +244,15 @@ def stage_name(phase: str, method: str, setting: dict) -> str:
 
 def _best(trials: list[dict]) -> dict:
     return max(trials, key=lambda t: t["dev_avg_acc"])["setting"]
+
+
+def _leaders(trials: list[dict]) -> list[dict]:
+    """The best setting of each combination of CROSS_BANK_KEYS values (one for the baselines, which have none), best
+    first, so the first round's winner comes first and a tie in the second round goes to it."""
+    groups: dict[tuple, list[dict]] = {}
+    for trial in trials:
+        groups.setdefault(tuple(trial["setting"].get(key) for key in CROSS_BANK_KEYS), []).append(trial)
+    return [_best(group) for group in sorted(groups.values(), key=lambda group: -max(t["dev_avg_acc"] for t in group))]
 
 
 def prepare_data(args: argparse.Namespace, order: list[str]) -> None:

@@ -108,19 +108,29 @@ def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench
     tried = [tuple(t["setting"][key] for key in ("lr", "temperature", "k", "threshold")) for t in tuning["trials"]]
     assert tried == [(1e-2, 0.05, 2, 0.1), (1e-2, 0.05, 3, 0.1), (2e-2, 0.05, 2, 0.1), (2e-2, 0.05, 3, 0.1)]
     assert tuning["tasks"] == ["one", "two"]
+    # The second round continues the best first-round store of each k (k only acts once later tasks add ranks),
+    # the first round's winner first, at every later rate.
+    score = {bench.stage_name("tune", "moram", t["setting"]): t["dev_avg_acc"] for t in tuning["trials"]}
+    leaders = [{k: v for k, v in t["setting"].items() if k != "later_lr"} for t in tuning["later_trials"][::2]]
+    assert [lead["k"] for lead in leaders] in ([2, 3], [3, 2])
+    for lead in leaders:
+        same_k = [t["dev_avg_acc"] for t in tuning["trials"] if t["setting"]["k"] == lead["k"]]
+        assert score[bench.stage_name("tune", "moram", lead)] == max(same_k)
+    assert score[bench.stage_name("tune", "moram", leaders[0])] == max(score.values())
+    later = [t["setting"] for t in tuning["later_trials"]]
+    assert later == [lead | {"later_lr": rate} for lead in leaders for rate in (3e-3, 5e-3)]
+    assert tuning["chosen"] in later
     first = {k: v for k, v in tuning["chosen"].items() if k != "later_lr"}
-    assert first in [t["setting"] for t in tuning["trials"]]
-    assert [t["setting"] for t in tuning["later_trials"]] == [first | {"later_lr": 3e-3}, first | {"later_lr": 5e-3}]
-    assert tuning["chosen"] in [t["setting"] for t in tuning["later_trials"]]
     stages = [p.name for p in (tmp_path / "work" / "stages").iterdir()]
     assert sum(name.startswith("tune-moram-") for name in stages) == 4 and "zero-shot.json" in stages
     stores = tmp_path / "work" / "stores"
-    # A later-rate trial continues the first round's winner: its first bank is that store's, its second trained at the rate.
-    for trial, rate in zip(sorted(stores.glob("tune2-moram-*")), (3e-3, 5e-3)):
-        banks = sorted((trial / "banks").iterdir())
-        winner = stores / bench.stage_name("tune", "moram", first) / "banks" / banks[0].name
-        assert (banks[0] / "weights.safetensors").read_bytes() == (winner / "weights.safetensors").read_bytes()
-        assert yaml.safe_load((banks[1] / "bank.yaml").read_text())["hyperparameters"]["lr"] == rate
+    # A later-rate trial continues its first-round store: its first bank is that store's, its second trained at the rate.
+    for setting in later:
+        banks = sorted((stores / bench.stage_name("tune2", "moram", setting) / "banks").iterdir())
+        lead = {k: v for k, v in setting.items() if k != "later_lr"}
+        source = stores / bench.stage_name("tune", "moram", lead) / "banks" / banks[0].name
+        assert (banks[0] / "weights.safetensors").read_bytes() == (source / "weights.safetensors").read_bytes()
+        assert yaml.safe_load((banks[1] / "bank.yaml").read_text())["hyperparameters"]["lr"] == setting["later_lr"]
     final = yaml.safe_load(next(stores.glob("final-moram-*")).joinpath("store.yaml").read_text())
     assert final["training"]["later_lr"] == tuning["chosen"]["later_lr"] and final["training"]["lr"] == first["lr"]
     assert final["adapter"]["threshold"] == 0.1 and final["adapter"]["target_modules"] == ["q_proj", "v_proj"]
