@@ -100,6 +100,11 @@ def test_jobs_run_the_methods_in_processes_whose_stages_a_rerun_reuses(bench, tm
     assert again["methods"] == result["methods"]
 
 
+def first_round(setting: dict) -> dict:
+    """A second-round setting without its later rate: the first-round setting it continued."""
+    return {k: v for k, v in setting.items() if k != "later_lr"}
+
+
 def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench, tmp_path, tasks_dir, tiny_model_dir):
     result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--methods", "moram", "--lr-grid", "moram=1e-2,2e-2",
                  "--temperature-grid", "0.05", "--k-grid", "2,3", "--threshold-grid", "0.1", "--later-lr-grid", "3e-3,5e-3",
@@ -111,7 +116,7 @@ def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench
     # The second round continues the best first-round store of each k (k only acts once later tasks add ranks),
     # the first round's winner first, at every later rate.
     scores = [(t["setting"], t["dev_avg_acc"]) for t in tuning["trials"]]
-    leaders = [{k: v for k, v in t["setting"].items() if k != "later_lr"} for t in tuning["later_trials"][::2]]
+    leaders = [first_round(t["setting"]) for t in tuning["later_trials"][::2]]
     assert [lead["k"] for lead in leaders] in ([2, 3], [3, 2])
     for lead in leaders:
         assert (lead, max(acc for setting, acc in scores if setting["k"] == lead["k"])) in scores
@@ -119,15 +124,14 @@ def test_tuning_tries_each_setting_on_the_dev_split_and_records_the_choice(bench
     later = [t["setting"] for t in tuning["later_trials"]]
     assert later == [lead | {"later_lr": rate} for lead in leaders for rate in (3e-3, 5e-3)]
     assert tuning["chosen"] in later
-    first = {k: v for k, v in tuning["chosen"].items() if k != "later_lr"}
+    first = first_round(tuning["chosen"])
     stages = [p.name for p in (tmp_path / "work" / "stages").iterdir()]
     assert sum(name.startswith("tune-moram-") for name in stages) == 4 and "zero-shot.json" in stages
     stores = tmp_path / "work" / "stores"
     # A later-rate trial continues its first-round store: its first bank is that store's, its second trained at the rate.
     for setting in later:
         banks = sorted((stores / bench.stage_name("tune2", "moram", setting) / "banks").iterdir())
-        lead = {k: v for k, v in setting.items() if k != "later_lr"}
-        source = stores / bench.stage_name("tune", "moram", lead) / "banks" / banks[0].name
+        source = stores / bench.stage_name("tune", "moram", first_round(setting)) / "banks" / banks[0].name
         assert (banks[0] / "weights.safetensors").read_bytes() == (source / "weights.safetensors").read_bytes()
         assert yaml.safe_load((banks[1] / "bank.yaml").read_text())["hyperparameters"]["lr"] == setting["later_lr"]
     final = yaml.safe_load(next(stores.glob("final-moram-*")).joinpath("store.yaml").read_text())
