@@ -161,7 +161,8 @@ class Benchmark:
         gate = {k: setting[k] for k in ("temperature", "k", "threshold") if k in setting}
         return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r,
                 "target_modules": a.target_modules.split(","), "lr": setting["lr"],
-                "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length, "seed": setting.get("seed", a.seed), **gate}
+                "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length,
+                "seed": setting.get("seed", a.seed), **gate}
 
     def sequence(self, store: Path, method: str, setting: dict, tasks: list[str], split: str) -> dict:
         """Learn `tasks` in order, each scored with its `split` file; the accuracy matrix and its metrics."""
