@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def test_the_benchmark_runs_every_method_and_resumes_from_its_stages(bench, tmp_
     assert chosen["lora"]["later_lr"] == 5e-4 and "later_lr" not in chosen["mtl"]
     assert "| method | avg acc | sd | BWT | FWT | one | two |" in (tmp_path / "results" / "cl-benchmark.md").read_text()
     assert (tmp_path / "results" / "cl-benchmark.png").stat().st_size > 0
+    # The stage records alone resume a run: stores and data slices may be lost with the machine.
+    for kept_only_here in ("stores", "data"):
+        shutil.rmtree(tmp_path / "work" / kept_only_here)
     monkeypatch.setattr(bench, "learn_task", lambda *a, **k: pytest.fail("a finished stage ran again"))
     assert run(bench, tmp_path, tasks_dir, tiny_model_dir, "--no-tune")["methods"] == methods
 
@@ -98,6 +102,19 @@ def test_jobs_run_the_methods_in_processes_whose_stages_a_rerun_reuses(bench, tm
     monkeypatch.setattr(bench, "learn_task", lambda *a, **k: pytest.fail("a finished stage ran again"))
     again = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--no-tune", "--methods", "moram,inclora,mtl")
     assert again["methods"] == result["methods"]
+
+
+def test_a_second_round_trial_whose_first_round_store_is_gone_learns_the_first_task_again(bench, tmp_path, tasks_dir,
+                                                                                          tiny_model_dir):
+    flags = ("--methods", "inclora", "--lr-grid", "inclora=1e-2", "--later-lr-grid", "3e-3")
+    first = run(bench, tmp_path, tasks_dir, tiny_model_dir, *flags)
+    work = tmp_path / "work"
+    later = bench.stage_name("tune2", "inclora", {"lr": 1e-2, "later_lr": 3e-3})
+    (work / "stages" / f"{later}.json").unlink()
+    shutil.rmtree(work / "stores")
+    again = run(bench, tmp_path, tasks_dir, tiny_model_dir, *flags)
+    assert again["settings"]["tuning"] == first["settings"]["tuning"]
+    assert [bank.name.split("-", 1)[1] for bank in sorted((work / "stores" / later / "banks").iterdir())] == ["one", "two"]
 
 
 def first_round(setting: dict) -> dict:
