@@ -156,7 +156,19 @@ def _encode_text(text: str, tokenizer, max_length: int) -> Encoded:
     return Encoded(input_ids=ids, labels=list(ids), truncated=truncated)
 
 
+def check_context(tokenizer, max_length: int) -> None:
+    """Refuse a `max_length` beyond the model's context, which loading the base model puts in `tokenizer.model_max_length`.
+
+    Past it, positions the model never learned would score and train
+    silently, or fail deep inside its forward pass.
+    """
+    limit = tokenizer.model_max_length
+    if max_length > limit:
+        raise MoramError(f"--max-length {max_length} is beyond the model's context of {limit} tokens; give --max-length {limit} or less")
+
+
 def encode_dataset(examples: list[Example], tokenizer, max_length: int) -> tuple[list[Encoded], int]:
     """Every example encoded for training, and how many of them had to be truncated."""
+    check_context(tokenizer, max_length)
     encoded = [encode_for_training(example, tokenizer, max_length) for example in examples]
     return encoded, sum(item.truncated for item in encoded)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from moram_cli.data.encode import split_example
-from moram_cli.data.jsonl import Example, read_examples
+from moram_cli.data.encode import check_context, split_example
+from moram_cli.data.jsonl import Example, one_line, read_examples
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.scoring import choose, generate
 from moram_cli.models.memory import build_memory_model
@@ -17,32 +17,52 @@ from moram_cli.store import MemoryStore
 
 SCORINGS = ("auto", "choice", "generate")
 MAX_LABELS = 50
+LABELS_FILE = "labels.json"
+LABELS_FIX = 'make it a JSON list of every answer of the test file, e.g. ["World", "Sports"], or remove it'
 
 
 def label_set(examples: list[Example], data: Path, tokenizer) -> list[str] | None:
     """The candidate answers when the completions form a label set, else None.
 
-    A `labels.json` next to the data file wins (the benchmark layout);
-    otherwise the distinct completions count as labels when there are few
+    A `labels.json` next to the data file wins (the benchmark layout) and
+    must list every answer of the file; otherwise the distinct completions count as labels when there are few
     of them and most repeat.
     """
     completions = [split_example(ex, tokenizer)[1].strip() for ex in examples]
-    labels_file = data.parent / "labels.json"
-    if labels_file.is_file():
-        try:
-            labels = json.loads(labels_file.read_text(encoding="utf-8"))
-        except ValueError:
-            labels = None
-        if isinstance(labels, list) and all(isinstance(x, str) for x in labels) and set(completions) <= set(labels):
-            return labels
+    labels_file = data.parent / LABELS_FILE
+    if labels_file.exists():
+        return declared_labels(labels_file, examples, completions)
     distinct = list(Counter(completions))
     return distinct if len(distinct) <= min(MAX_LABELS, len(completions) / 2) else None
+
+
+def declared_labels(path: Path, examples: list[Example], completions: list[str]) -> list[str]:
+    """The labels a `labels.json` lists, once proved to hold every answer of the test file.
+
+    A broken one is an error, not a reason to fall back to generation: that
+    fallback scored a label task as 0.000 with no warning, and a CI gate then
+    failed on a number that measured the wrong thing.
+    """
+    where = one_line(str(path), limit=200)
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        # ValueError covers bad JSON and bad UTF-8 alike; OSError, a directory or a file without read permission.
+        raise MoramError(f"{where}: cannot be read ({one_line(str(err))}); {LABELS_FIX}") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        raise MoramError(f"{where}: is not a non-empty JSON list of strings; {LABELS_FIX}")
+    known = set(labels)
+    for example, answer in zip(examples, completions):
+        if answer not in known:
+            raise MoramError(f"{where}: lacks the answer {one_line(answer)!r} of {example.where}; {LABELS_FIX}")
+    return labels
 
 
 def evaluate_examples(
     model, tokenizer, examples: list[Example], data: Path, scoring: str = "auto", max_length: int = 512, show_progress: bool = False
 ) -> dict:
     """Accuracy of `model` on `examples`: ranked choice over the label set, or exact match of greedy generation."""
+    check_context(tokenizer, max_length)
     labels = label_set(examples, data, tokenizer) if scoring != "generate" else None
     if scoring == "choice" and labels is None:
         labels = sorted({split_example(ex, tokenizer)[1].strip() for ex in examples})

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from moram_cli.data.encode import check_context
 from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
 from moram_cli.models.cache import cache_dir
@@ -37,12 +38,14 @@ def evaluate_suite(
     manager, tasks = _suite_tasks(harness, suite, suite_path)
     upto = 0 if base_only else upto
     model, tokenizer = build_memory_model(store, upto, trust_remote_code)
+    max_length = max_length or store.config.training.max_length
+    check_context(tokenizer, max_length)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     if store.config.adapter.routing == "source":
         # lm-eval pads a batch without an attention mask, and the padding would then count when a source is picked.
         batch_size = 1
     lm = harness.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device),
-                                         max_length=max_length or store.config.training.max_length)
+                                         max_length=max_length)
     with _data_errors(suite, suite_path), _working_directory(suite_path):
         out = harness.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, bootstrap_iters=0, limit=limit, log_samples=False)
     return {

@@ -1,4 +1,5 @@
-"""Per-example scorers. Each runs one example at a time so memory stays flat with dataset size."""
+"""Scoring and greedy generation. Evaluation runs one example at a time so memory stays flat with dataset size;
+`moram generate` batches its prompts with `generate_batch`."""
 
 from __future__ import annotations
 
@@ -33,16 +34,29 @@ def choose(model, tokenizer, prompt: str, candidates: list[str], max_length: int
     return int(scores.argmax()), cut
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, max_length: int) -> tuple[str, bool]:
     """Greedy continuation of `prompt` (special tokens dropped, stripped), and whether the prompt was cut."""
-    prompt_ids, cut = encode_prompt(prompt, tokenizer, max(1, max_length - max_new_tokens))
-    input_ids = torch.tensor([prompt_ids], device=model.device)
+    return generate_batch(model, tokenizer, [prompt], max_new_tokens, max_length)[0]
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, max_length: int) -> list[tuple[str, bool]]:
+    """Greedy continuations of `prompts`, decoded in one batch, and whether each prompt was cut.
+
+    Prompts are padded on the left so that every row's next token comes right
+    after its own prompt; the attention mask keeps the pads out of attention
+    (and out of source routing's scores). A batch of one has no padding.
+    """
+    encoded = [encode_prompt(prompt, tokenizer, max(1, max_length - max_new_tokens)) for prompt in prompts]
+    width = max(len(ids) for ids, _ in encoded)
+    pads = [width - len(ids) for ids, _ in encoded]
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * pad + ids for pad, (ids, _) in zip(pads, encoded)], device=model.device)
+    attention_mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], device=model.device)
     output = model.generate(
         input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
+        attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return tokenizer.decode(output[0, len(prompt_ids):], skip_special_tokens=True).strip(), cut
+    return [(tokenizer.decode(row[width:], skip_special_tokens=True).strip(), cut) for row, (_, cut) in zip(output, encoded)]

@@ -37,6 +37,8 @@ def load_base_model(
         raise MoramError(f"cannot load base model {ref.source}: {loader_failure(exc)}; check the model files or re-create the store") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The model's context, where --max-length is checked (data.encode.check_context): a tokenizer's own limit is often unset.
+    tokenizer.model_max_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     model.eval()
     return model, tokenizer
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
 from moram_cli.models.fingerprint import sha256_file
+from moram_cli.store.permissions import follow_umask
 from moram_cli.store.yamlio import read_yaml, write_yaml
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -132,6 +133,7 @@ def write_bank(directory: Path, tensors: BankTensors, metadata: dict) -> None:
     except SafetensorError as exc:
         # safetensors reports I/O failures (disk full, read-only) as its own error, not as OSError.
         raise OSError(errno.EIO, one_line(str(exc), 160)) from None
+    follow_umask(weights)
     _fsync(weights)
     write_yaml(directory / META_FILE, {**metadata, "weights_sha256": sha256_file(weights)})
 

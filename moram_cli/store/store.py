@@ -13,6 +13,7 @@ from pathlib import Path
 from moram_cli.errors import MoramError
 from moram_cli.store.bank import Bank, BankTensors, check_task_name, copy_bank, is_bank_dir, write_bank
 from moram_cli.store.config import CONFIG_FILE, StoreConfig
+from moram_cli.store.permissions import follow_umask
 
 BANKS_DIR = "banks"
 STAGING_DIR = ".staging"
@@ -59,7 +60,7 @@ class MemoryStore:
             (staging / BANKS_DIR).mkdir()
             config.save(staging)
             yield cls(staging, config)
-            os.chmod(staging, 0o755)
+            follow_umask(staging)  # mkdtemp made it private
             os.replace(staging, path)
         except OSError as exc:
             raise MoramError(f"{path}: cannot create the store ({exc.strerror}); check permissions and free space") from None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
 
 
@@ -17,11 +18,24 @@ def read_yaml(path: Path, what: str, fix: str = "restore it from a backup") -> d
     except FileNotFoundError:
         raise MoramError(f"{path}: {what} is missing; {fix}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        problem = " ".join(str(exc).split())[:120]
-        raise MoramError(f"{path}: {what} is corrupt ({problem}); {fix}") from None
+        raise MoramError(f"{path}: {what} is corrupt ({yaml_problem(exc)}); {fix}") from None
     if not isinstance(data, dict):
         raise MoramError(f"{path}: {what} is corrupt (not a YAML mapping); {fix}")
     return data
+
+
+def yaml_problem(exc: Exception) -> str:
+    """Where the YAML went wrong and what was found there, e.g. `line 2, column 4: mapping values are not allowed here`.
+
+    `str(exc)` first quotes the enclosing block, so cut to one short line it
+    lost the problem and its position, the part that says what to fix.
+    """
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return one_line(str(exc), 160)
+    context = f", {exc.context}" if exc.context else ""
+    context += f" from line {exc.context_mark.line + 1}" if context and exc.context_mark else ""
+    return one_line(f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{context}", 160)
 
 
 def write_yaml(path: Path, data: dict) -> None:
