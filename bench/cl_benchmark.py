@@ -125,6 +125,7 @@ class Benchmark:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.work = args, args.work_dir
+        self.stages = getattr(args, "stages_dir", None) or self.work / "stages"
         self.order = args.order.split(",")
         self.methods = args.methods.split(",")
         unknown = set(self.methods) - set(LR_GRIDS)
@@ -137,7 +138,7 @@ class Benchmark:
 
     def stage(self, name: str, compute) -> dict:
         """`compute(store_dir)`'s result, from the cache when this stage finished before; a half-done store is started over."""
-        cached = self.work / "stages" / f"{name}.json"
+        cached = self.stages / f"{name}.json"
         if cached.is_file():
             result = json.loads(cached.read_text())
         else:
@@ -158,7 +159,7 @@ class Benchmark:
     def store_settings(self, method: str, setting: dict) -> dict:
         a = self.args
         r = a.r if method in ("moram", "inclora") else a.r * len(self.order)
-        gate = {k: setting[k] for k in ("temperature", "k", "threshold") if k in setting}
+        gate = {k: setting[k] for k in ("temperature", "k", "threshold", "key_init", "max_grad_norm") if k in setting}
         return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r,
                 "target_modules": a.target_modules.split(","), "lr": setting["lr"],
                 "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length,

@@ -115,11 +115,12 @@ def init(
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe with 'adapter:' and 'training:' sections (see recipes/); flags below override it.")] = None,
     method: Annotated[Optional[str], typer.Option(help="moram; or a baseline on the same code path: lora (one LoRA adapter of rank r trained task after task, SeqLoRA) or inclora (r new LoRA ranks per task, old ones frozen, summed without a gate). Default: moram.")] = None,
     r: Annotated[Optional[int], typer.Option("--r", help="New rank-1 experts per adapted module per task (lora: the adapter's rank). Default: 8.")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Activation budget: ranks kept by the gate per token (at least 2). Default: 4.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Activation budget: ranks kept by the gate per token, at least 1; the gate always mixes 2 or more, so 1 acts as 2. Default: 4.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature of the gate. Default: 0.03.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Inference-time pruning: ranks with normalised score below this are off. Default: 0.")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout on the adapter input. Default: 0.")] = None,
     target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names to adapt, or 'all-linear'. Default: q_proj,k_proj.")] = None,
+    key_init: Annotated[Optional[str], typer.Option(help="How each later task's new experts' keys start: data (the top principal directions of the task's own inputs outside the old keys' span: later tasks learn, see README), kaiming (at random, the method as written) or warm (copies of the previous bank's keys, as the authors' LLM code). The first task always starts at random. Default: data (moram), kaiming (baselines).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Base model dtype: float32, bfloat16 or float16. Default: float32.")] = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
@@ -134,7 +135,7 @@ def init(
 
     modules = None if target_modules is None else (target_modules if target_modules == "all-linear" else target_modules.split(","))
     result = run(init_store, store, base_model=base_model, recipe=recipe, dtype=dtype, method=method, trust_remote_code=trust_remote_code,
-                 r=r, k=k, temperature=temperature, threshold=threshold, dropout=dropout, target_modules=modules)
+                 r=r, k=k, temperature=temperature, threshold=threshold, dropout=dropout, target_modules=modules, key_init=key_init)
     if as_json:
         emit(result, True, None)
     else:
@@ -158,6 +159,7 @@ def learn_task_command(
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, slower. Default: the store's, off.", show_default=False)] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimiser steps, even if --epochs asks for more. Default: no limit.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save resume data every N steps (0: only on Ctrl-C or SIGTERM). Default: the store's, 50.")] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help="Clip the new ranks' gradient to this norm. Default: the store's, off.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue this task's interrupted run from its last checkpoint, with its settings; clears the lock it left when its process is gone from this machine.")] = False,
     launch: Annotated[Optional[str], typer.Option(help="Run on several processes through accelerate launch: a shipped recipe (cpu-ddp, ddp, zero2, zero3) or an accelerate config file.")] = None,
     num_processes: Annotated[Optional[int], typer.Option(help="With --launch: how many processes (one per GPU). Default: the recipe's.")] = None,
@@ -179,7 +181,7 @@ def learn_task_command(
     options = dict(name=name, eval_data=eval_data, break_lock=break_lock, resume=resume, trust_remote_code=trust_remote_code,
                    epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed, lr_schedule=lr_schedule,
                    grad_accum=grad_accum, precision=precision, gradient_checkpointing=gradient_checkpointing,
-                   max_steps=max_steps, checkpoint_every=checkpoint_every)
+                   max_steps=max_steps, checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm)
     if launch is not None or num_processes is not None:
         from moram_cli.training.launch import relaunch
 
@@ -301,6 +303,33 @@ def merge(
     result = run(merge_stores, out, sources, tasks=picked, prune_below=prune_below, data=data, eval_data=eval_data,
                  routing=routing, show_progress=not as_json, trust_remote_code=trust_remote_code)
     emit(result, as_json, merge_table)
+
+
+@app.command("generate")
+def generate_command(
+    store: StoreArg,
+    prompt: Annotated[Optional[str], typer.Option(help="Text to continue, as given (no chat template is applied).", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option(help="JSONL examples, read as eval reads them: continues each line's prompt ({prompt, completion}), or its messages before the last one through the chat template ({messages}).", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate per prompt.")] = 64,
+    upto: Annotated[Optional[int], typer.Option(help="Use the store as it was after its first N banks (0: the bare base model).", show_default=False)] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Token limit per prompt + generated text; longer prompts are cut in the middle. Default: the store's max_length.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="With --data: prompts generated together.")] = 8,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue a prompt, or every prompt of a JSONL file, with the store's model (greedy decoding).
+
+    Give exactly one of --prompt or --data. The model is the one eval scores:
+    every bank (or the first --upto N), in inference mode, threshold applied.
+    --json prints the store, the banks used and one {prompt, completion}
+    record per prompt, in file order.
+    """
+    from moram_cli.evaluation.generation import generate_completions
+    from moram_cli.reporting import generate_table
+
+    result = run(generate_completions, store, prompt=prompt, data=data, upto=upto, max_new_tokens=max_new_tokens, max_length=max_length,
+                 batch_size=batch_size, show_progress=not as_json, trust_remote_code=trust_remote_code)
+    emit(result, as_json, generate_table)
 
 
 @app.command()

@@ -23,6 +23,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 
+import moram_cli.training.key_init as key_init
 import moram_cli.training.learn as learn_module
 from moram_cli.errors import STATUS_ENV, MoramError
 from moram_cli.store.bank import flatten
@@ -291,3 +292,22 @@ def test_a_failure_in_the_launched_processes_is_one_line_and_exit_2(tmp_path, ti
     assert done.stderr.startswith(f"error: base model {model} changed since the store was created") and done.stderr.count("\n") == 1
     # The processes' reports are gone with the launch, and so is the lock.
     assert not list(temp.glob("moram-launch-*")) and not (store / ".lock").exists()
+
+
+def test_data_keys_are_identical_on_every_process(new_store, tiny_task, tmp_path, monkeypatch):
+    store = new_store("keys")
+    learn_task(store, tiny_task.train, name="one", show_progress=False, batch_size=8, max_steps=2)
+    real = learn_module.initial_keys
+
+    def record(*args, **kwargs):
+        keys = real(*args, **kwargs)
+        save_file({m: A.contiguous() for m, A in keys.items()}, str(tmp_path / f"keys{PartialState().process_index}.safetensors"))
+        return keys
+
+    monkeypatch.setattr(learn_module, "initial_keys", record)
+    # Each process computes keys of its own (as floating-point sums on GPUs can differ); the main process's must win.
+    own = key_init.data_keys
+    monkeypatch.setattr(key_init, "data_keys", lambda *a: own(*a) + PartialState().process_index)
+    on_two_processes(lambda: learn_task(store, tiny_task.train, name="two", show_progress=False, batch_size=8, max_steps=1))
+    first, second = (load_file(tmp_path / f"keys{i}.safetensors") for i in range(2))
+    assert first.keys() == second.keys() and all(torch.equal(first[m], second[m]) for m in first)

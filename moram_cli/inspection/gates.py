@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import torch
 
-from moram_cli.data.batching import collate, length_bucketed_batches
 from moram_cli.data.encode import encode_dataset
 from moram_cli.data.jsonl import Example
 from moram_cli.errors import MoramError
+from moram_cli.models.token_passes import masked_passes
 from moram_cli.store import MemoryStore
 from moram_cli.tuner import MoramModel
 
@@ -55,7 +55,6 @@ class GateStats:
         return self.ranks_for_mass / max(self.tokens, 1)
 
 
-@torch.no_grad()
 def collect_gates(
     model: MoramModel, tokenizer, examples: list[Example], batch_size: int, max_length: int, keep: Callable[[str], bool] = lambda name: True
 ) -> dict[str, GateStats]:
@@ -70,13 +69,8 @@ def collect_gates(
     current = {}
     for name, layer in layers.items():
         layer.gate_observer = lambda g, totals=stats[name]: totals.add(g.flatten(0, -2)[current["tokens"]])
-    model.eval()
     try:
-        for indices in length_bucketed_batches([len(e.input_ids) for e in encoded], batch_size, seed=0):
-            batch = collate([encoded[i] for i in indices], tokenizer.pad_token_id)
-            current["tokens"] = batch["attention_mask"].flatten().bool().to(model.device)
-            model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
-                  use_cache=False, logits_to_keep=1)
+        masked_passes(model, encoded, tokenizer.pad_token_id, batch_size, lambda mask: current.update(tokens=mask))
     finally:
         for layer in layers.values():
             layer.gate_observer = None

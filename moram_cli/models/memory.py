@@ -10,7 +10,7 @@ from moram_cli.errors import MoramError
 from moram_cli.models.loading import load_base_model
 from moram_cli.store import Bank, MemoryStore
 from moram_cli.store.bank import MISSING_GROUPS, BankTensors, routing_groups, stack_banks
-from moram_cli.store.config import METHODS, ROUTINGS
+from moram_cli.store.config import KEY_INITS, METHODS, ROUTINGS
 from moram_cli.tuner import MoramConfig, MoramModel, SeqLoraModel
 
 MemoryModel = MoramModel | SeqLoraModel
@@ -23,6 +23,8 @@ def adapter_model(base: PreTrainedModel, store: MemoryStore) -> MemoryModel:
         raise MoramError(f"{store.path}: store method {method!r} is unknown to this moram (it knows {', '.join(METHODS)}); upgrade moram")
     if a.routing not in ROUTINGS or (a.routing == "source" and method != "moram"):
         raise MoramError(f"{store.path}: store routing {a.routing!r} does not go with method {method}; the store config is corrupt, restore it from a backup")
+    if a.key_init not in KEY_INITS:
+        raise MoramError(f"{store.path}: store key_init {a.key_init!r} is unknown to this moram (it knows {', '.join(KEY_INITS)}); upgrade moram")
     if method == "lora":
         return SeqLoraModel(base, LoraConfig(r=a.r, lora_alpha=a.lora_alpha, lora_dropout=a.dropout, target_modules=a.target_modules), "default")
     config = MoramConfig(r=a.r, k=a.k, temperature=a.temperature, threshold=a.threshold, dropout=a.dropout,

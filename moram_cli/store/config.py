@@ -17,6 +17,9 @@ METHODS = ("moram", "lora", "inclora")
 # token: every rank competes for every token (the method); source: a merged store answers each sequence with the
 # banks of one source store (moram_cli.tuner.routing), recorded per bank as `routing_groups`.
 ROUTINGS = ("token", "source")
+# How a later task's new keys start: at random as the method is written, from the task's own inputs, or copied from
+# the previous bank (moram_cli.training.key_init).
+KEY_INITS = ("kaiming", "data", "warm")
 
 
 @dataclass
@@ -25,7 +28,9 @@ class AdapterSettings:
 
     k, temperature and threshold configure MoRAM's gate; `lora_alpha` is set
     for method lora only (its output is scaled by lora_alpha / r). `routing`
-    is "source" only in stores `moram merge` wrote that way.
+    is "source" only in stores `moram merge` wrote that way. `key_init` says
+    how a later task's new keys start (moram_cli.training.key_init); None
+    only until `init` picks the method's default.
     """
 
     r: int = 8
@@ -36,6 +41,7 @@ class AdapterSettings:
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj"])
     lora_alpha: float | None = None
     routing: str = "token"
+    key_init: str | None = None
 
 
 @dataclass
@@ -46,7 +52,8 @@ class TrainingSettings:
     number of processes and `grad_accum` steps it is split into. `precision`
     "auto" is bf16 autocast on a GPU that supports it, fp32 elsewhere.
     `max_steps` (None: no limit) caps the steps `epochs` asks for;
-    `checkpoint_every` steps (0: never) the resume data is saved.
+    `checkpoint_every` steps (0: never) the resume data is saved;
+    `max_grad_norm` (None: off) clips the trainable ranks' gradient norm.
 
     `lr` trains the first task; `later_lr` (None: `lr` too) every task after
     it. A later task's fresh experts compete in the gate with trained ones, and
@@ -69,6 +76,7 @@ class TrainingSettings:
     gradient_checkpointing: bool = False
     max_steps: int | None = None
     checkpoint_every: int = 50
+    max_grad_norm: float | None = None
 
 
 @dataclass
@@ -92,7 +100,8 @@ class StoreConfig:
         try:
             return cls(
                 base_model=BaseModelRef.from_dict(data["base_model"]),
-                adapter=_settings(AdapterSettings, data.get("adapter", {})),
+                # Stores written before key_init existed drew every task's keys at random.
+                adapter=_settings(AdapterSettings, {"key_init": "kaiming", **data.get("adapter", {})}),
                 training=_settings(TrainingSettings, data.get("training", {})),
                 **{k: data[k] for k in ("method", "dtype", "format_version", "tool_version", "created") if k in data},
             )

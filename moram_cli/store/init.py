@@ -10,9 +10,12 @@ from moram_cli import __version__
 from moram_cli.errors import MoramError
 from moram_cli.models.loading import DTYPES
 from moram_cli.models.reference import resolve_base_model
-from moram_cli.store.config import METHODS, AdapterSettings, StoreConfig, TrainingSettings, _settings
+from moram_cli.store.config import KEY_INITS, METHODS, AdapterSettings, StoreConfig, TrainingSettings, _settings
 from moram_cli.store.store import MemoryStore
 from moram_cli.store.yamlio import read_yaml
+
+# How a new moram store's later tasks start their keys: the winner of bench/plasticity.py (see the README).
+DEFAULT_KEY_INIT = "data"
 
 
 def init_store(
@@ -61,19 +64,38 @@ def _recipe_settings(recipe: Path | None) -> tuple[AdapterSettings, TrainingSett
         raise MoramError(f"{recipe}: {exc}; recipes hold 'adapter:' and 'training:' sections (see recipes/)") from None
 
 
+# Each adapter setting a flag of `init` sets: the rule it must meet, and the rule in words.
+ADAPTER_RULES = (
+    ("r", lambda r: r >= 1, ">= 1"),
+    # The gate keeps at least two ranks whatever k says (moram_cli.tuner.gating), so k = 1 acts as 2.
+    ("k", lambda k: k >= 1, ">= 1"),
+    ("temperature", lambda t: t > 0, "> 0"),
+    ("dropout", lambda p: 0 <= p < 1, "0 <= dropout < 1"),
+    ("threshold", lambda t: t >= 0, ">= 0"),
+)
+
+
 def _check_adapter(a: AdapterSettings) -> None:
+    if a.key_init not in KEY_INITS:
+        raise MoramError(f"invalid --key-init {a.key_init!r}; use one of {', '.join(KEY_INITS)}")
     if a.routing != "token":
         raise MoramError("routing is set by moram merge (--routing) for the store it writes, not when a store is created; remove it from the recipe")
-    if a.r < 1 or a.k < 1 or a.temperature <= 0 or not 0 <= a.dropout < 1 or a.threshold < 0:
-        raise MoramError("invalid adapter settings: need r >= 1, k >= 1, temperature > 0, 0 <= dropout < 1, threshold >= 0")
+    for name, ok, need in ADAPTER_RULES:
+        if not ok(getattr(a, name)):
+            raise MoramError(f"invalid --{name} {getattr(a, name)!r}: need {need} (a flag, or the recipe's adapter section)")
 
 
 def _method_adapter(a: AdapterSettings, method: str) -> AdapterSettings:
-    """LoRA's alpha defaults to r: a scaling of 1, as MoRAM and IncLoRA apply, so the methods differ only in how ranks combine."""
+    """LoRA's alpha defaults to r: a scaling of 1, as MoRAM and IncLoRA apply, so the methods differ only in how ranks combine.
+    New keys start from the task's data in MoRAM and at random in the baselines, as published."""
+    if a.key_init is None:
+        a = replace(a, key_init=DEFAULT_KEY_INIT if method == "moram" else "kaiming")
     if method != "lora":
         if a.lora_alpha is not None:
             raise MoramError(f"lora_alpha applies to --method lora only, not {method}; remove it from the recipe")
         return a
+    if a.key_init != "kaiming":
+        raise MoramError(f"--key-init {a.key_init} needs new ranks per task; method lora trains one adapter throughout, use --method moram or inclora")
     alpha = float(a.r) if a.lora_alpha is None else a.lora_alpha
     if alpha <= 0:
         raise MoramError(f"invalid adapter settings: lora_alpha must be > 0, got {alpha}")

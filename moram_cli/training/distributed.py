@@ -95,12 +95,15 @@ def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def configure_deepspeed(accelerator: Accelerator, split: BatchSplit) -> None:
-    """moram's batch split overrides the DeepSpeed config's: no dataloader goes through `prepare` to infer it."""
+def configure_deepspeed(accelerator: Accelerator, split: BatchSplit, max_grad_norm: float | None) -> None:
+    """moram's batch split overrides the DeepSpeed config's: no dataloader goes through `prepare` to infer it. DeepSpeed
+    clips gradients inside its own step, so `max_grad_norm` goes into its config too."""
     if uses_deepspeed(accelerator):
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         config |= {"train_micro_batch_size_per_gpu": split.micro, "gradient_accumulation_steps": split.grad_accum,
                    "train_batch_size": split.global_batch}
+        if max_grad_norm is not None:
+            config["gradient_clipping"] = max_grad_norm
 
 
 def on_main(accelerator: Accelerator, work: Callable[[], T]) -> T:
@@ -116,6 +119,15 @@ def on_main(accelerator: Accelerator, work: Callable[[], T]) -> T:
     if outcome[1] is not None:
         raise MoramError(outcome[1])
     return outcome[0]
+
+
+def main_value(accelerator: Accelerator, value: T) -> T:
+    """The main process's `value`, on every process (picklable values)."""
+    if accelerator.num_processes > 1:
+        box = [value]
+        broadcast_object_list(box)
+        value = box[0]
+    return value
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from moram_cli import __version__
-from moram_cli.data.encode import encode_dataset
+from moram_cli.data.encode import Encoded, encode_dataset
 from moram_cli.data.jsonl import read_examples
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.continual import accuracy_row, measure_before_learning
@@ -29,6 +29,7 @@ from moram_cli.training.checkpoint import (
 from moram_cli.training.distributed import (
     BatchSplit, batch_split, gathered_ranks, main_process_lock, make_accelerator, on_main, resolve_precision, uses_deepspeed,
 )
+from moram_cli.training.key_init import initial_keys
 from moram_cli.training.loop import TrainingLoop
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -144,14 +145,14 @@ def _learn(
     torch.manual_seed(settings.seed)
     model, tokenizer = build_memory_model(store, trust_remote_code=trust_remote_code)
     baseline = measure_before_learning(store, model, tokenizer, eval_data, eval_examples, settings.max_length)
-    params = model.add_task_ranks(store.config.adapter.r, rank_init_seed(settings.seed, len(store.banks())))
     encoded, n_cut = encode_dataset(examples, tokenizer, settings.max_length)
+    params = _new_ranks(store, model, encoded, tokenizer.pad_token_id, settings, accelerator, show_progress)
     precision = resolve_precision(settings.precision, accelerator)
     loop = TrainingLoop(accelerator, model, params, encoded, tokenizer.pad_token_id, settings, split, precision)
     state = loop.run(show_progress, resume, checkpoint)
     summary = {
         "task": name, "data": str(data), "data_sha256": data_sha256, "examples": len(examples),
-        "truncated_examples": n_cut, "new_ranks_per_module": store.config.adapter.r,
+        "truncated_examples": n_cut, "new_ranks_per_module": store.config.adapter.r, "key_init": store.config.adapter.key_init,
         "trainable_parameters": sum(p.numel() for p in params), "hyperparameters": asdict(settings),
         "batch": split.to_dict(), "precision": precision,
         "steps": len(state.losses), "tokens": state.tokens, "loss": _loss_summary(state.losses),
@@ -169,6 +170,16 @@ def _learn(
     ranks = gathered_ranks(accelerator, loop.model, params)
     summary["bank"] = on_main(accelerator, lambda: _write_bank(store, name, ranks, summary))
     return summary
+
+
+def _new_ranks(store: MemoryStore, model, encoded: list[Encoded], pad_id: int, settings: TrainingSettings, accelerator: Accelerator,
+               show_progress: bool) -> list[torch.nn.Parameter]:
+    """The task's trainable ranks, added to the model; a lora store's adapter has neither new ranks nor new keys."""
+    seed = rank_init_seed(settings.seed, len(store.banks()))
+    if store.config.method == "lora":
+        return model.add_task_ranks(store.config.adapter.r, seed)
+    keys = initial_keys(store, model, encoded, pad_id, settings.batch_size, settings.seed, accelerator, show_progress)
+    return model.add_task_ranks(store.config.adapter.r, seed, keys)
 
 
 def _resume_data(store: MemoryStore, accelerator: Accelerator, run: dict, settings: TrainingSettings,
@@ -212,6 +223,7 @@ SETTING_RULES = (
     ("precision", lambda s: s.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     ("max_steps", lambda s: s.max_steps is None or s.max_steps >= 1, ">= 1 (or none)"),
     ("checkpoint_every", lambda s: s.checkpoint_every >= 0, ">= 0 (0: never)"),
+    ("max_grad_norm", lambda s: s.max_grad_norm is None or s.max_grad_norm > 0, "> 0 (or none)"),
 )
 
 

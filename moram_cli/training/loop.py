@@ -57,7 +57,7 @@ class TrainingLoop:
         optimizer = torch.optim.AdamW(self.params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
         # Not prepared: accelerate would step it once per process, and the schedule counts optimiser steps.
         scheduler = lr_schedule(optimizer, self.settings.lr_schedule, self.total)
-        configure_deepspeed(self.accelerator, self.split)
+        configure_deepspeed(self.accelerator, self.split, self.settings.max_grad_norm)
         self.model, optimizer = self.accelerator.prepare(self.model, optimizer)
         state = restore_training(self.accelerator, checkpoint, optimizer, scheduler) if checkpoint else TrainState()
         self.model.train()
@@ -68,10 +68,12 @@ class TrainingLoop:
     def _steps(self, state: TrainState, optimizer, scheduler, stop: StopRequest, show: bool, resume: ResumeData | None) -> None:
         start_tokens, started = state.tokens, time.time()
         with training_progress(show and self.accelerator.is_main_process) as progress:
-            bar = progress.add_task("training", total=self.total, completed=state.step, loss=float("nan"), tps=0.0)
+            bar = progress.add_task("training", total=self.total, completed=state.step, loss=None, tps=0.0)
             while state.step < self.total:
                 batch = self.batches[state.step]
                 loss, stopping = self._step(batch, optimizer, stop)
+                if self.settings.max_grad_norm is not None:
+                    self.accelerator.clip_grad_norm_(self.params, self.settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

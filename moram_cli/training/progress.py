@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class LossColumn(ProgressColumn):
+    """`loss 1.2345`, or `loss –` while the task's `loss` field is None: before the first step ends there is no loss yet.
+
+    The bar's first frame used to show `loss nan`, which reads as a run that diverged.
+    """
+
+    def render(self, task: Task) -> Text:
+        loss = task.fields.get("loss")
+        return Text("loss –" if loss is None else f"loss {loss:.4f}")
 
 
 def training_progress(enabled: bool) -> Progress:
@@ -12,7 +26,7 @@ def training_progress(enabled: bool) -> Progress:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
+        LossColumn(),
         TextColumn("{task.fields[tps]:,.0f} tok/s"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
@@ -20,3 +34,9 @@ def training_progress(enabled: bool) -> Progress:
         console=Console(stderr=True),
         disable=not enabled,
     )
+
+
+def phase_progress(enabled: bool) -> Progress:
+    """A plain bar for a phase before training (e.g. the data pass of `data` keys), on stderr."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -13,6 +12,7 @@ from torch.nn import functional as F
 
 from moram_cli.tuner.config import MoramConfig
 from moram_cli.tuner.gating import rank_gate
+from moram_cli.tuner.keys import kaiming_keys
 from moram_cli.tuner.routing import SourceRouter
 
 
@@ -67,12 +67,11 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         self.moram_A_frozen[name] = A.detach().to(device=device, dtype=torch.float32)
         self.moram_B_frozen[name] = B.detach().to(device=device, dtype=torch.float32)
 
-    def add_ranks(self, r: int, generator: torch.Generator | None = None) -> None:
-        """Append `r` trainable experts: keys like `nn.Linear` weights, values zero (output unchanged)."""
-        A = torch.empty(r, self.in_features)
-        # Same bound as nn.init.kaiming_uniform_(a=√5), drawn from an explicit generator for reproducibility.
-        bound = 1 / math.sqrt(self.in_features)
-        A.uniform_(-bound, bound, generator=generator)
+    def add_ranks(self, r: int, generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> None:
+        """Append `r` trainable experts, values zero (output unchanged): their keys are `keys` (at most `r` rows),
+        the rest drawn like `nn.Linear` weights from `generator`."""
+        given = keys if keys is not None else torch.zeros(0, self.in_features)
+        A = torch.cat([given.float().cpu(), kaiming_keys(r - given.shape[0], self.in_features, generator)])
         device = self.get_base_layer().weight.device
         name = self.active_adapters[0]
         self.moram_A[name] = nn.Parameter(A.to(device))

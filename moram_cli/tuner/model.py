@@ -49,17 +49,26 @@ class MoramModel(BaseTuner):
             layer.router, (layer.rank_groups, layer.rank_banks) = router, ranks[name]
         router.attach(self.model)
 
-    def add_task_ranks(self, r: int, seed: int) -> list[nn.Parameter]:
-        """Add `r` trainable experts to every adapted layer; returns exactly the new parameters."""
+    def add_task_ranks(self, r: int, seed: int, keys: dict[str, torch.Tensor] | None = None) -> list[nn.Parameter]:
+        """Add `r` trainable experts to every adapted layer, starting from `keys` (module name -> at most `r` keys, see
+        `MoramLayer.add_ranks`) where given; returns exactly the new parameters."""
         generator = torch.Generator().manual_seed(seed)
         for p in self.model.parameters():
             p.requires_grad_(False)
         params = []
-        for layer in self.moram_layers().values():
-            layer.add_ranks(r, generator)
+        for module, layer in self.moram_layers().items():
+            layer.add_ranks(r, generator, (keys or {}).get(module))
             name = layer.active_adapters[0]
             params += [layer.moram_A[name], layer.moram_B[name]]
         return params
+
+    def frozen_keys(self) -> dict[str, torch.Tensor | None]:
+        """Module name -> the keys of every earlier task, stacked (None before the first bank)."""
+        out = {}
+        for module, layer in self.moram_layers().items():
+            name = layer.active_adapters[0]
+            out[module] = layer.moram_A_frozen[name] if name in layer.moram_A_frozen else None
+        return out
 
     def task_ranks(self) -> BankTensors:
         """The trained ranks of the current task: module name -> (A, B), detached on CPU."""

@@ -1,0 +1,67 @@
+"""The keys a task's new experts start from, by the store's `key_init` (the math is in moram_cli.tuner.keys).
+
+`kaiming` draws them at random, as the method is written; `warm` copies the
+previous bank's keys (what the authors' LLM code effectively trained from);
+`data` runs the model, with its memory as it stands, over a sample of the new
+task's training examples and takes its keys from each adapted layer's inputs.
+A first task always starts from `kaiming` keys: no trained key competes with
+them yet, and there is no previous bank.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from accelerate import Accelerator
+
+from moram_cli.data.encode import Encoded
+from moram_cli.models.token_passes import masked_passes
+from moram_cli.store import MemoryStore
+from moram_cli.training.distributed import main_value
+from moram_cli.training.progress import phase_progress
+from moram_cli.tuner import MoramModel
+from moram_cli.tuner.keys import InputMoments, data_keys
+
+# Examples whose inputs make `data` keys: the moments of 64 examples' tokens (a few thousand) settle the leading
+# directions of a 576-wide layer, and the pass costs a few seconds on CPU.
+DATA_KEY_EXAMPLES = 64
+
+
+def initial_keys(store: MemoryStore, model: MoramModel, encoded: list[Encoded], pad_id: int, batch_size: int, seed: int,
+                 accelerator: Accelerator, show_progress: bool) -> dict[str, torch.Tensor] | None:
+    """Module name -> the new task's starting keys; None where they are drawn at random (`kaiming`, or a first task).
+
+    Every process computes them and then takes the main process's, so all start from identical keys.
+    """
+    banks, mode = store.banks(), store.config.adapter.key_init
+    if mode == "kaiming" or not banks:
+        return None
+    if mode == "warm":
+        return {module: A for module, (A, _) in banks[-1].tensors().items()}
+    sample = sorted(random.Random(seed).sample(range(len(encoded)), min(DATA_KEY_EXAMPLES, len(encoded))))
+    moments = input_moments(model, [encoded[i] for i in sample], pad_id, batch_size, show_progress and accelerator.is_main_process)
+    old = model.frozen_keys()
+    keys = {module: data_keys(m, old[module], store.config.adapter.r) for module, m in moments.items()}
+    return main_value(accelerator, keys)
+
+
+def input_moments(model: MoramModel, encoded: list[Encoded], pad_id: int, batch_size: int, show_progress: bool) -> dict[str, InputMoments]:
+    """Each adapted layer's input moments over the (unpadded) tokens of `encoded`."""
+    layers = model.moram_layers()
+    moments = {module: InputMoments(layer.in_features) for module, layer in layers.items()}
+    current = {}
+
+    def observe(moment: InputMoments):
+        return lambda layer, args: moment.add(args[0].flatten(0, -2)[current["tokens"]])
+
+    hooks = [layer.register_forward_pre_hook(observe(moments[module])) for module, layer in layers.items()]
+    try:
+        with phase_progress(show_progress) as progress:
+            bar = progress.add_task("data keys", total=-(-len(encoded) // batch_size))
+            masked_passes(model, encoded, pad_id, batch_size, lambda mask: current.update(tokens=mask),
+                          lambda: progress.advance(bar))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return moments
