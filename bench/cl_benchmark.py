@@ -416,18 +416,23 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def script_main(args: argparse.Namespace, compute, write) -> int:
+    """A bench script's run: `compute(args)`, its results written by `write(result, args)` and their paths printed, or
+    a problem as one line and exit code 2."""
     if args.quiet:
         _quiet_transformers()
     try:
-        result = benchmark(args)
+        result = compute(args)
     except MoramError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for path in write_results(result, args.results_dir):
+    for path in write(result, args):
         print(path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(parse_args(argv), benchmark, lambda result, args: write_results(result, args.results_dir))
 
 
 if __name__ == "__main__":

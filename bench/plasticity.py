@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from cl_benchmark import REPO, Benchmark, _quiet_transformers, _say, prepare_data
+from cl_benchmark import REPO, Benchmark, _say, prepare_data, script_main
 
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.cl_metrics import shown
@@ -41,6 +41,7 @@ OPTIONS = {
     "kaiming": ("moram", MORAM | {"key_init": "kaiming"}),
     "warm": ("moram", MORAM | {"key_init": "warm"}),
     "data": ("moram", MORAM | {"key_init": "data"}),
+    "contrast": ("moram", MORAM | {"key_init": "contrast"}),
     "data-one-lr": ("moram", MORAM | {"key_init": "data", "later_lr": 8e-3}),
     "kaiming-one-lr": ("moram", MORAM | {"key_init": "kaiming", "later_lr": 8e-3}),
     "data-k8": ("moram", MORAM | {"key_init": "data", "k": 8}),
@@ -79,8 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 class Probe(Benchmark):
     def first(self, method: str, setting: dict) -> tuple[str, dict]:
-        """The first task's stage of `setting` (its name and record): later-task settings left out, so options share it."""
-        first = {k: v for k, v in setting.items() if k not in LATER_KEYS}
+        """The first task's stage of `setting` (its name and record): later-task settings left out, so options share it
+        (except key_init contrast, whose first bank records its task's inputs)."""
+        first = {k: v for k, v in setting.items() if k not in LATER_KEYS or (k, v) == ("key_init", "contrast")}
         name = _name("first", method, first)
         return name, self.stage(name, lambda store: self.sequence(store, method, first, self.order[:1], "dev"))
 
@@ -215,24 +217,18 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.quiet:
-        _quiet_transformers()
-    try:
-        result = probe(args)
-    except MoramError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def write_results(result: dict, args: argparse.Namespace) -> list[Path]:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     paths = [args.results_dir / f"plasticity.{suffix}" for suffix in ("json", "md", "png")]
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(markdown_report(result))
     plot(result, paths[2])
-    for path in paths:
-        print(path)
     _say(args, f"wall {result['wall_seconds']} s")
-    return 0
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(parse_args(argv), probe, write_results)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LABELS, tiny_task_rows
-
 BENCH = Path(__file__).parent.parent / "bench"
 
 
@@ -23,15 +21,6 @@ def probe():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def tasks_dir(tmp_path, write_jsonl):
-    for i, task in enumerate(("one", "two")):
-        write_jsonl(tmp_path / "tasks" / task / "train.jsonl", tiny_task_rows(16, seed=30 + i))
-        write_jsonl(tmp_path / "tasks" / task / "test.jsonl", tiny_task_rows(6, seed=40 + i))
-        (tmp_path / "tasks" / task / "labels.json").write_text(json.dumps(list(LABELS)))
-    return tmp_path / "tasks"
 
 
 def run(probe, tmp_path, tasks_dir, tiny_model_dir, options: str) -> dict:
