@@ -41,7 +41,6 @@ OPTIONS = {
     "kaiming": ("moram", MORAM | {"key_init": "kaiming"}),
     "warm": ("moram", MORAM | {"key_init": "warm"}),
     "data": ("moram", MORAM | {"key_init": "data"}),
-    "contrast": ("moram", MORAM | {"key_init": "contrast"}),
     "data-one-lr": ("moram", MORAM | {"key_init": "data", "later_lr": 8e-3}),
     "kaiming-one-lr": ("moram", MORAM | {"key_init": "kaiming", "later_lr": 8e-3}),
     "data-k8": ("moram", MORAM | {"key_init": "data", "k": 8}),
@@ -80,9 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 class Probe(Benchmark):
     def first(self, method: str, setting: dict) -> tuple[str, dict]:
-        """The first task's stage of `setting` (its name and record): later-task settings left out, so options share it
-        (except key_init contrast, whose first bank records its task's inputs)."""
-        first = {k: v for k, v in setting.items() if k not in LATER_KEYS or (k, v) == ("key_init", "contrast")}
+        """The first task's stage of `setting` (its name and record): later-task settings left out, so options share it."""
+        first = {k: v for k, v in setting.items() if k not in LATER_KEYS}
         name = _name("first", method, first)
         return name, self.stage(name, lambda store: self.sequence(store, method, first, self.order[:1], "dev"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,19 +21,9 @@ from moram_cli.store import MemoryStore
 from moram_cli.training.learn import learn_task
 from test_merge import make_store, moram_json  # noqa: F401  (make_store is a fixture)
 
-# The README's example ("Using a store from Python"), word for word: the test runs it in a folder holding store/.
-README_EXAMPLE = r'''
-import moram_cli
-
-model, tokenizer = moram_cli.load("store/")  # every bank; upto=1: the store as it was after its first task
-prompt = ("What is the topic of the following paragraph? Choose one from the option.\n"
-          "Option: Company, Educational Institution, Artist, Athlete, Office Holder, Mean of Transportation, Building, "
-          "Natural Place, Village, Animal, Plant, Album, Film, Written Work \n"
-          "Title: Lake Geneva\nText: Lake Geneva is a deep lake on the north side of the Alps.\n\nAnswer:")
-inputs = tokenizer(prompt, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-print(tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip())
-'''
+# The README's example ("Using a store from Python"), read from the README itself: the test runs it in a folder holding store/.
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_EXAMPLE = README.read_text().split("### Using a store from Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 runner = CliRunner()
 

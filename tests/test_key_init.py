@@ -14,9 +14,8 @@ from moram_cli.cli import app
 from moram_cli.errors import MoramError
 from moram_cli.store import MemoryStore
 from moram_cli.store.init import init_store
-from moram_cli.store.merge import merge_stores
 from moram_cli.training.learn import learn_task, rank_init_seed
-from moram_cli.tuner.keys import InputMoments, data_keys, kaiming_keys, recorded_moment
+from moram_cli.tuner.keys import InputMoments, data_keys, kaiming_keys
 
 # A step this small leaves the trained keys equal to the keys they started from, to float32 resolution.
 FROZEN = {"lr": 1e-9, "max_steps": 1, "batch_size": 4}
@@ -50,35 +49,15 @@ def test_data_keys_stop_where_the_old_keys_fill_the_space():
     assert data_keys(moments_of(x), torch.randn(8, 8), r=4).shape == (0, 8)
 
 
-def test_contrast_keys_prefer_what_is_new_over_what_earlier_tasks_also_carried():
-    g = torch.Generator().manual_seed(1)
-    e = torch.eye(16)
-    # Both tasks carry a strong shared direction (0); only the new one carries direction 1.
-    new = 10 * torch.randn(400, 1, generator=g) * e[0] + 2 * torch.randn(400, 1, generator=g) * e[1] + 0.1 * torch.randn(400, 16, generator=g)
-    earlier = 10 * torch.randn(400, 1, generator=g) * e[0] + 0.1 * torch.randn(400, 16, generator=g)
-    old = torch.randn(3, 16, generator=g) * e[5:8].sum(0) + e[2:5]
-    assert abs(data_keys(moments_of(new), old, r=1)[0] @ e[0]) > 0.9 * old.norm(dim=1).median()
-    keys = data_keys(moments_of(new), old, r=2, avoid=recorded_moment([moments_of(earlier).profile(4)]))
-    assert abs(keys[0] @ e[1]) > 0.95 * keys[0].norm()
-    assert (old @ keys.T).abs().max() < 1e-5 * old.norm(dim=1).max() * keys.norm(dim=1).max()
-
-
-def test_an_input_profile_keeps_the_leading_second_moment():
-    x = torch.randn(300, 3) @ torch.randn(3, 12)  # rank 3: a profile of rank 4 holds all of it
-    moments = moments_of(x)
-    p = moments.profile(4).double()
-    assert p.shape == (4, 12) and torch.allclose(p.T @ p, x.double().T @ x.double() / 300, atol=1e-4)
-
-
 @pytest.fixture
 def started(monkeypatch):
     """The starting keys each learn_task call chose (None: drawn at random), in call order."""
     calls, real = [], learn_module.initial_keys
 
     def record(*args, **kwargs):
-        keys, inputs = real(*args, **kwargs)
+        keys = real(*args, **kwargs)
         calls.append(keys)
-        return keys, inputs
+        return keys
 
     monkeypatch.setattr(learn_module, "initial_keys", record)
     return calls
@@ -112,22 +91,6 @@ def test_a_new_store_starts_later_tasks_from_data_keys_outside_the_old_span(tmp_
     assert all(torch.equal(started[1][m], started[3][m]) for m in started[1])
 
 
-def test_contrast_stores_record_each_task_inputs_and_keep_them_through_a_merge(tmp_path, tiny_model_dir, tiny_task, started):
-    store = tmp_path / "s"
-    init_store(store, base_model=str(tiny_model_dir), r=4, k=2, key_init="contrast")
-    two_tasks(store, tiny_task)
-    banks = MemoryStore.open(store).banks()
-    profiles = [bank.input_profiles() for bank in banks]
-    assert started[0] is None and all(p.keys() == keys_of(store, 0).keys() for p in profiles)
-    assert all(p.shape == (16, 32) for bank in profiles for p in bank.values())
-    old = keys_of(store, 0)
-    assert all((old[m] @ k.T).abs().max() < 1e-5 * old[m].norm(dim=1).max() * k.norm(dim=1).max() for m, k in started[1].items())
-    assert [bank.tensors().keys() for bank in banks] == [old.keys()] * 2
-    merge_stores(tmp_path / "merged", [store])
-    assert all(torch.equal(a, b) for a, b in zip(MemoryStore.open(tmp_path / "merged").banks()[1].input_profiles().values(),
-                                                 profiles[1].values()))
-
-
 def test_warm_keys_copy_the_previous_bank_and_kaiming_draws_them_as_before(tmp_path, tiny_model_dir, tiny_task, started):
     warm, kaiming = tmp_path / "warm", tmp_path / "kaiming"
     for store, mode in ((warm, "warm"), (kaiming, "kaiming")):
@@ -158,7 +121,7 @@ def test_baselines_start_at_random_and_lora_refuses_other_keys(tmp_path, tiny_mo
     with pytest.raises(MoramError, match="--key-init data needs new ranks per task"):
         init_store(tmp_path / "l", base_model=str(tiny_model_dir), method="lora", key_init="data")
     result = CliRunner().invoke(app, ["init", str(tmp_path / "bad"), "--base-model", str(tiny_model_dir), "--key-init", "pca"])
-    assert result.exit_code == 2 and "invalid --key-init 'pca'; use one of kaiming, data, contrast, warm" in result.output
+    assert result.exit_code == 2 and "invalid --key-init 'pca'; use one of kaiming, data, warm" in result.output
     assert not (tmp_path / "bad").exists()
 
 

@@ -27,9 +27,6 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DIR_PATTERN = re.compile(r"[0-9]{3,}-" + NAME_PATTERN.pattern)
 
 BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-# Entries `<module>.inputs` beside a bank's keys and values: a summary of its task's inputs to that module (rows `p`,
-# `pᵀp` ≈ their per-token second moment), written by stores whose later tasks avoid earlier tasks' inputs.
-INPUTS = "inputs"
 
 
 def check_task_name(name: str) -> str:
@@ -82,14 +79,6 @@ class Bank:
             raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
         return unflatten(flat, self.path)
 
-    def input_profiles(self) -> dict[str, torch.Tensor]:
-        """Module name -> the recorded summary of this bank's task's inputs there; empty when none was recorded."""
-        try:
-            with safe_open(self.path / WEIGHTS_FILE, "pt") as weights:
-                return {key.rsplit(".", 1)[0]: weights.get_tensor(key) for key in weights.keys() if key.endswith(f".{INPUTS}")}
-        except (SafetensorError, OSError) as exc:
-            raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
-
     def shapes(self) -> dict[str, tuple[list[int], list[int]]]:
         """Module name -> (shape of A, shape of B), read from the safetensors header alone."""
         try:
@@ -117,14 +106,12 @@ def stack_banks(per_bank: list[BankTensors]) -> BankTensors:
     }
 
 
-def flatten(tensors: BankTensors, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Keys `<module>.A` (the keys of the memory), `<module>.B` (its values) and, when given, `<module>.inputs`."""
+def flatten(tensors: BankTensors) -> dict[str, torch.Tensor]:
+    """Keys `<module>.A` (the keys of the memory) and `<module>.B` (its values)."""
     flat = {}
     for module, (A, B) in tensors.items():
         flat[f"{module}.A"] = A.contiguous()
         flat[f"{module}.B"] = B.contiguous()
-    for module, profile in (inputs or {}).items():
-        flat[f"{module}.{INPUTS}"] = profile.contiguous()
     return flat
 
 
@@ -137,12 +124,12 @@ def unflatten(flat: dict, where: Path) -> dict:
         raise MoramError(f"{where}: bank is missing tensor {exc.args[0]}; restore the bank from a backup") from None
 
 
-def write_bank(directory: Path, tensors: BankTensors, metadata: dict, inputs: dict[str, torch.Tensor] | None = None) -> None:
+def write_bank(directory: Path, tensors: BankTensors, metadata: dict) -> None:
     """Write a bank's files into `directory` (a staging directory: the store renames it into place)."""
     directory.mkdir(parents=True)
     weights = directory / WEIGHTS_FILE
     try:
-        save_file(flatten(tensors, inputs), str(weights))
+        save_file(flatten(tensors), str(weights))
     except SafetensorError as exc:
         # safetensors reports I/O failures (disk full, read-only) as its own error, not as OSError.
         raise OSError(errno.EIO, one_line(str(exc), 160)) from None

@@ -17,9 +17,9 @@ METHODS = ("moram", "lora", "inclora")
 # token: every rank competes for every token (the method); source: a merged store answers each sequence with the
 # banks of one source store (moram_cli.tuner.routing), recorded per bank as `routing_groups`.
 ROUTINGS = ("token", "source")
-# How a later task's new keys start: at random as the method is written, from the task's own inputs (contrast: and
-# away from earlier tasks' recorded inputs), or copied from the previous bank (moram_cli.training.key_init).
-KEY_INITS = ("kaiming", "data", "contrast", "warm")
+# How a later task's new keys start: at random as the method is written, from the task's own inputs, or copied from
+# the previous bank (moram_cli.training.key_init).
+KEY_INITS = ("kaiming", "data", "warm")
 
 
 @dataclass

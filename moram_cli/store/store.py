@@ -9,14 +9,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from moram_cli.errors import MoramError
 from moram_cli.store.bank import Bank, BankTensors, check_task_name, copy_bank, is_bank_dir, write_bank
 from moram_cli.store.config import CONFIG_FILE, StoreConfig
-
-if TYPE_CHECKING:
-    import torch
 from moram_cli.store.permissions import follow_umask
 
 BANKS_DIR = "banks"
@@ -89,10 +85,9 @@ class MemoryStore:
         if any(b.name == name for b in self.banks()):
             raise MoramError(f"{self.path}: a task named {name!r} is already in the store; pick another --name")
 
-    def add_bank(self, name: str, tensors: BankTensors, metadata: dict, inputs: dict[str, torch.Tensor] | None = None) -> Bank:
-        """Append a bank (with its task's `inputs` summary, if any) atomically: written in staging, then renamed to
-        `banks/<NNN>-<name>`."""
-        return self._append(name, lambda directory, index: write_bank(directory, tensors, {"index": index, "task": name, **metadata}, inputs))
+    def add_bank(self, name: str, tensors: BankTensors, metadata: dict) -> Bank:
+        """Append a bank atomically: written in staging, then renamed to `banks/<NNN>-<name>`."""
+        return self._append(name, lambda directory, index: write_bank(directory, tensors, {"index": index, "task": name, **metadata}))
 
     def copy_bank(self, source: Bank, name: str, metadata: dict) -> Bank:
         """Append a copy of another store's bank under `name`: its weights byte for byte, checked against their hash."""

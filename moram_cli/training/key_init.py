@@ -3,9 +3,7 @@
 `kaiming` draws them at random, as the method is written; `warm` copies the
 previous bank's keys (what the authors' LLM code effectively trained from);
 `data` runs the model, with its memory as it stands, over a sample of the new
-task's training examples and takes its keys from each adapted layer's inputs;
-`contrast` does the same but steers the keys away from the inputs of earlier
-tasks, as each bank of such a store records them (a small summary, never data).
+task's training examples and takes its keys from each adapted layer's inputs.
 A first task always starts from `kaiming` keys: no trained key competes with
 them yet, and there is no previous bank.
 """
@@ -20,51 +18,32 @@ from accelerate import Accelerator
 from moram_cli.data.encode import Encoded
 from moram_cli.models.token_passes import masked_passes
 from moram_cli.store import MemoryStore
-from moram_cli.store.bank import Bank
 from moram_cli.training.distributed import main_value
 from moram_cli.training.progress import phase_progress
 from moram_cli.tuner import MoramModel
-from moram_cli.tuner.keys import InputMoments, data_keys, recorded_moment
+from moram_cli.tuner.keys import InputMoments, data_keys
 
 # Examples whose inputs make `data` keys: the moments of 64 examples' tokens (a few thousand) settle the leading
 # directions of a 576-wide layer, and the pass costs a few seconds on CPU.
 DATA_KEY_EXAMPLES = 64
-# Directions a bank keeps of its task's inputs per module: a hidden state's energy sits in a few of them, and 16 cost
-# about as much disk as the bank's own keys and values.
-PROFILE_RANK = 16
-
-NewKeys = dict[str, torch.Tensor] | None
 
 
 def initial_keys(store: MemoryStore, model: MoramModel, encoded: list[Encoded], pad_id: int, batch_size: int, seed: int,
-                 accelerator: Accelerator, show_progress: bool) -> tuple[NewKeys, NewKeys]:
-    """Module name -> the new task's starting keys (None where they are drawn at random: `kaiming`, or a first task),
-    and module name -> the summary of the task's inputs its bank records (None unless `contrast`).
+                 accelerator: Accelerator, show_progress: bool) -> dict[str, torch.Tensor] | None:
+    """Module name -> the new task's starting keys; None where they are drawn at random (`kaiming`, or a first task).
 
     Every process computes them and then takes the main process's, so all start from identical keys.
     """
     banks, mode = store.banks(), store.config.adapter.key_init
-    if mode == "kaiming" or (mode == "data" and not banks):
-        return None, None
+    if mode == "kaiming" or not banks:
+        return None
     if mode == "warm":
-        return ({module: A for module, (A, _) in banks[-1].tensors().items()} if banks else None), None
+        return {module: A for module, (A, _) in banks[-1].tensors().items()}
     sample = sorted(random.Random(seed).sample(range(len(encoded)), min(DATA_KEY_EXAMPLES, len(encoded))))
     moments = input_moments(model, [encoded[i] for i in sample], pad_id, batch_size, show_progress and accelerator.is_main_process)
-    inputs = {module: m.profile(PROFILE_RANK) for module, m in moments.items()} if mode == "contrast" else None
-    keys = None
-    if banks:
-        old, avoid = model.frozen_keys(), earlier_inputs(banks) if mode == "contrast" else {}
-        keys = {module: data_keys(m, old[module], store.config.adapter.r, avoid.get(module)) for module, m in moments.items()}
-    return main_value(accelerator, (keys, inputs))
-
-
-def earlier_inputs(banks: list[Bank]) -> dict[str, torch.Tensor]:
-    """Module name -> the earlier tasks' per-token input second moment, from what their banks recorded."""
-    per_module = {}
-    for bank in banks:
-        for module, profile in bank.input_profiles().items():
-            per_module.setdefault(module, []).append(profile)
-    return {module: recorded_moment(profiles) for module, profiles in per_module.items()}
+    old = model.frozen_keys()
+    keys = {module: data_keys(m, old[module], store.config.adapter.r) for module, m in moments.items()}
+    return main_value(accelerator, keys)
 
 
 def input_moments(model: MoramModel, encoded: list[Encoded], pad_id: int, batch_size: int, show_progress: bool) -> dict[str, InputMoments]:

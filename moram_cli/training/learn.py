@@ -146,7 +146,7 @@ def _learn(
     model, tokenizer = build_memory_model(store, trust_remote_code=trust_remote_code)
     baseline = measure_before_learning(store, model, tokenizer, eval_data, eval_examples, settings.max_length)
     encoded, n_cut = encode_dataset(examples, tokenizer, settings.max_length)
-    params, inputs = _new_ranks(store, model, encoded, tokenizer.pad_token_id, settings, accelerator, show_progress)
+    params = _new_ranks(store, model, encoded, tokenizer.pad_token_id, settings, accelerator, show_progress)
     precision = resolve_precision(settings.precision, accelerator)
     loop = TrainingLoop(accelerator, model, params, encoded, tokenizer.pad_token_id, settings, split, precision)
     state = loop.run(show_progress, resume, checkpoint)
@@ -168,19 +168,18 @@ def _learn(
     summary |= {"wall_seconds": round(time.time() - started, 1), "tool_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     ranks = gathered_ranks(accelerator, loop.model, params)
-    summary["bank"] = on_main(accelerator, lambda: _write_bank(store, name, ranks, summary, inputs))
+    summary["bank"] = on_main(accelerator, lambda: _write_bank(store, name, ranks, summary))
     return summary
 
 
 def _new_ranks(store: MemoryStore, model, encoded: list[Encoded], pad_id: int, settings: TrainingSettings, accelerator: Accelerator,
-               show_progress: bool) -> tuple[list[torch.nn.Parameter], dict[str, torch.Tensor] | None]:
-    """The task's trainable ranks, added to the model, and the summary of its inputs its bank records (if any); a lora
-    store's adapter has neither new ranks nor new keys."""
+               show_progress: bool) -> list[torch.nn.Parameter]:
+    """The task's trainable ranks, added to the model; a lora store's adapter has neither new ranks nor new keys."""
     seed = rank_init_seed(settings.seed, len(store.banks()))
     if store.config.method == "lora":
-        return model.add_task_ranks(store.config.adapter.r, seed), None
-    keys, inputs = initial_keys(store, model, encoded, pad_id, settings.batch_size, settings.seed, accelerator, show_progress)
-    return model.add_task_ranks(store.config.adapter.r, seed, keys), inputs
+        return model.add_task_ranks(store.config.adapter.r, seed)
+    keys = initial_keys(store, model, encoded, pad_id, settings.batch_size, settings.seed, accelerator, show_progress)
+    return model.add_task_ranks(store.config.adapter.r, seed, keys)
 
 
 def _resume_data(store: MemoryStore, accelerator: Accelerator, run: dict, settings: TrainingSettings,
@@ -195,9 +194,9 @@ def _resume_data(store: MemoryStore, accelerator: Accelerator, run: dict, settin
     return None if uses_deepspeed(accelerator) else ResumeData(directory, run, asdict(settings))
 
 
-def _write_bank(store: MemoryStore, name: str, ranks: BankTensors, summary: dict, inputs: dict[str, torch.Tensor] | None) -> str:
+def _write_bank(store: MemoryStore, name: str, ranks: BankTensors, summary: dict) -> str:
     """Append the bank, then drop the run's resume data: from here on the bank is the result."""
-    bank = store.add_bank(name, ranks, summary, inputs)
+    bank = store.add_bank(name, ranks, summary)
     remove_resume_data(resume_dir(store.path, name))
     return str(bank.path)
 
