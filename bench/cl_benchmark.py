@@ -63,6 +63,11 @@ RUN_KEYS = ("tasks_dir", "order", "n_train", "n_dev", "n_test", "base_model", "r
             "max_length", "seed")
 
 
+# How MoRAM's committed results ran (random keys, every token gated), whatever a new store's defaults: a run resuming
+# from their stage records must measure the same thing.
+COMMITTED_MORAM = {"key_init": "kaiming", "routing": "token"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks-dir", type=Path, default=REPO.parent / "shared" / "data" / "cl-benchmark",
@@ -159,7 +164,9 @@ class Benchmark:
     def store_settings(self, method: str, setting: dict) -> dict:
         a = self.args
         r = a.r if method in ("moram", "inclora") else a.r * len(self.order)
-        gate = {k: setting[k] for k in ("temperature", "k", "threshold", "key_init", "max_grad_norm") if k in setting}
+        gate = {k: setting[k] for k in ("temperature", "k", "threshold", "key_init", "routing", "max_grad_norm") if k in setting}
+        if method == "moram":
+            gate = COMMITTED_MORAM | gate
         return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r,
                 "target_modules": a.target_modules.split(","), "lr": setting["lr"],
                 "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length,

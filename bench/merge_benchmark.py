@@ -24,9 +24,8 @@ from moram_cli import __version__
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.evaluate import evaluate_store
 from moram_cli.markdown import markdown_table
-from moram_cli.store.config import ROUTINGS
 from moram_cli.store.init import init_store
-from moram_cli.store.merge import merge_stores
+from moram_cli.store.merge import MERGE_ROUTINGS, merge_stores
 from moram_cli.training.learn import learn_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +55,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         own[task] = _accuracy(store, args, task)
         sources.append(store)
     merged = {}
-    for routing in ROUTINGS:
+    for routing in MERGE_ROUTINGS:
         out = args.work_dir / f"merged-{routing}"
         merge_stores(out, sources, routing=routing)
         merged[routing] = {task: _accuracy(out, args, task) for task in tasks}
@@ -74,9 +73,9 @@ def markdown_report(result: dict) -> str:
     rows = []
     for task in result["tasks"]:
         own = result["own_store"][task]
-        merged = [result["merged"][routing][task] for routing in ROUTINGS]
+        merged = [result["merged"][routing][task] for routing in MERGE_ROUTINGS]
         rows.append([task, f"{own:.3f}", *(f"{acc:.3f} ({acc - own:+.3f})" for acc in merged)])
-    return markdown_table(["task", "own store", *(f"merged, routing {r}" for r in ROUTINGS)], rows) + "\n"
+    return markdown_table(["task", "own store", *(f"merged, routing {r}" for r in MERGE_ROUTINGS)], rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ def test_init_records_base_model_and_settings(store, tiny_model_dir):
     assert config["base_model"]["kind"] == "local" and config["base_model"]["source"] == str(tiny_model_dir)
     assert len(config["base_model"]["fingerprint"]) == 64
     assert config["adapter"] == {"r": 4, "k": 2, "temperature": 0.1, "threshold": 0.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj"],
-                                 "lora_alpha": None, "routing": "token", "key_init": "data"}
+                                 "lora_alpha": None, "routing": "task", "key_init": "data"}
     assert config["format_version"] == 1 and config["method"] == "moram" and config["dtype"] == "float32"
     assert list((store / "banks").iterdir()) == []
 
@@ -60,7 +60,9 @@ def test_init_takes_a_recipe_and_flags_override_it(tmp_path, tiny_model_dir):
 def test_learn_task_writes_a_bank_of_keys_and_values(trained):
     bank = trained / "banks" / "001-tiny"
     tensors = load_file(bank / "weights.safetensors")
-    assert sorted(tensors) == sorted(f"model.layers.{i}.self_attn.{m}.{t}" for i in range(2) for m in ("q_proj", "k_proj") for t in "AB")
+    # A task-routed store (the default) records the task's prototype beside each module's keys and values.
+    assert sorted(tensors) == sorted(f"model.layers.{i}.self_attn.{m}.{t}" for i in range(2) for m in ("q_proj", "k_proj") for t in ("A", "B", "prototype"))
+    assert tensors["model.layers.0.self_attn.q_proj.prototype"].shape == (32,)
     assert tensors["model.layers.0.self_attn.q_proj.A"].shape == (4, 32)
     assert tensors["model.layers.0.self_attn.k_proj.B"].shape == (16, 4)
     assert all(tensors[k].abs().sum() > 0 for k in tensors if k.endswith(".B"))

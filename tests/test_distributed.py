@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 import moram_cli.training.key_init as key_init
 import moram_cli.training.learn as learn_module
 from moram_cli.errors import STATUS_ENV, MoramError
+from moram_cli.store import MemoryStore
 from moram_cli.store.bank import flatten
 from moram_cli.store.init import init_store
 from moram_cli.training.launch import RECIPES_DIR, launch_argv, relaunch, shipped_recipes
@@ -93,7 +94,7 @@ def check_gathered(folder, store, reference, distributed_type: str) -> list[dict
     """Both processes gathered the same ranks, the bank holds them, they were trained, and they match one process's run."""
     ranks = [load_file(folder / f"rank{i}.safetensors") for i in range(2)]
     bank = bank_of(store)
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(ranks[0][k], bank[k]) for k in bank)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(ranks[0][k], bank[k]) for k in ranks[0])
     assert all(bank[k].abs().sum() > 0 for k in bank if k.endswith(".B"))
     assert max_difference(bank, reference) < SPLIT_TOLERANCE
     held = [json.loads((folder / f"rank{i}.json").read_text()) for i in range(2)]
@@ -217,6 +218,12 @@ def test_zero3_gathers_the_sharded_ranks_before_writing_the_bank(new_store, tiny
     on_two_processes(lambda: learn_task(store, tiny_task.train, name="t", show_progress=False, grad_accum=2, **SETTINGS))
     held = check_gathered(gathered, store, bank_of(reference), "DistributedType.DEEPSPEED")
     assert all(elements == 0 for h in held for elements in h["elements_held"])
+    # A later task runs the model before training (data keys, task prototype) and routes its evaluation: on shards too.
+    on_two_processes(lambda: learn_task(store, tiny_task.train, name="u", eval_data=tiny_task.test, show_progress=False, grad_accum=2,
+                                        **SETTINGS))
+    second = MemoryStore.open(store).banks()[1]
+    assert {f"{m}.A" for m in second.prototypes()} == {k for k in bank_of(reference) if k.endswith(".A")}
+    assert second.metadata()["cl"]["row"].keys() == {"u"}
 
 
 def test_launch_argv_is_accelerate_launch_of_the_same_command():

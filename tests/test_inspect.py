@@ -30,7 +30,8 @@ def inspect(*args) -> dict:
 def store(tmp_path, tiny_model_dir):
     """Two banks without training: "keys" with 4 random ranks per module, "blank" with 3 ranks whose values are zero."""
     path = tmp_path / "store"
-    assert runner.invoke(app, ["init", str(path), "--base-model", str(tiny_model_dir), "--r", "4", "--k", "3"]).exit_code == 0
+    # Token routing: banks added without learn-task carry no task prototypes.
+    assert runner.invoke(app, ["init", str(path), "--base-model", str(tiny_model_dir), "--r", "4", "--k", "3", "--routing", "token"]).exit_code == 0
     opened = MemoryStore.open(path)
     opened.add_bank("keys", random_bank(4, seed=0), {})
     opened.add_bank("blank", random_bank(3, seed=1, values=False), {})

@@ -30,7 +30,8 @@ def make_store(tmp_path, tiny_model_dir):
 
     def make(name: str, tasks: dict[str, int], *flags: str):
         path = tmp_path / name
-        assert runner.invoke(app, ["init", str(path), "--base-model", str(tiny_model_dir), "--r", "4", "--k", "3", *flags]).exit_code == 0
+        # Token routing: banks added without learn-task carry no task prototypes.
+        assert runner.invoke(app, ["init", str(path), "--base-model", str(tiny_model_dir), "--r", "4", "--k", "3", "--routing", "token", *flags]).exit_code == 0
         store = MemoryStore.open(path)
         for task, seed in tasks.items():
             store.add_bank(task, random_bank(4, seed), {"examples": seed})

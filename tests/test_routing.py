@@ -134,7 +134,7 @@ def test_a_merged_store_evaluates_and_leaves_its_sources_alone(make_store, tmp_p
 def test_a_recipe_cannot_make_a_new_store_source_routed(tmp_path, tiny_model_dir):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("adapter: {routing: source}\n")
-    fails_cleanly(["init", tmp_path / "s", "--base-model", tiny_model_dir, "--recipe", recipe], None, "routing is set by moram merge")
+    fails_cleanly(["init", tmp_path / "s", "--base-model", tiny_model_dir, "--recipe", recipe], None, "source routing is for stores moram merge writes")
     assert not (tmp_path / "s").exists()
 
 

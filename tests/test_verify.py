@@ -25,7 +25,8 @@ runner = CliRunner()
 def store(tmp_path, tiny_model_dir):
     """A store of the tiny model holding banks 001-one and 002-two, written without training."""
     path = tmp_path / "store"
-    assert runner.invoke(app, ["init", str(path), "--base-model", str(tiny_model_dir), "--r", "2"]).exit_code == 0
+    # Token routing: banks added without learn-task carry no task prototypes.
+    assert runner.invoke(app, ["init", str(path), "--base-model", str(tiny_model_dir), "--r", "2", "--routing", "token"]).exit_code == 0
     opened = MemoryStore.open(path)
     for seed, name in enumerate(("one", "two")):
         opened.add_bank(name, random_bank(2, seed), {"examples": 3})

@@ -41,8 +41,8 @@ def evaluate_suite(
     max_length = max_length or store.config.training.max_length
     check_context(tokenizer, max_length)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    if store.config.adapter.routing == "source":
-        # lm-eval pads a batch without an attention mask, and the padding would then count when a source is picked.
+    if store.config.adapter.routing != "token":
+        # lm-eval pads a batch without an attention mask, and the padding would then count when a route is picked.
         batch_size = 1
     lm = harness.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device),
                                          max_length=max_length)

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from moram_cli.errors import MoramError
 from moram_cli.models.loading import load_base_model
 from moram_cli.store import Bank, MemoryStore
-from moram_cli.store.bank import MISSING_GROUPS, BankTensors, routing_groups, stack_banks
+from moram_cli.store.bank import MISSING_GROUPS, MISSING_PROTOTYPES, BankTensors, routing_groups, stack_banks
 from moram_cli.store.config import KEY_INITS, METHODS, ROUTINGS
 from moram_cli.tuner import MoramConfig, MoramModel, SeqLoraModel
 
@@ -21,7 +21,7 @@ def adapter_model(base: PreTrainedModel, store: MemoryStore) -> MemoryModel:
     a, method = store.config.adapter, store.config.method
     if method not in METHODS:
         raise MoramError(f"{store.path}: store method {method!r} is unknown to this moram (it knows {', '.join(METHODS)}); upgrade moram")
-    if a.routing not in ROUTINGS or (a.routing == "source" and method != "moram"):
+    if a.routing not in ROUTINGS or (a.routing != "token" and method != "moram"):
         raise MoramError(f"{store.path}: store routing {a.routing!r} does not go with method {method}; the store config is corrupt, restore it from a backup")
     if a.key_init not in KEY_INITS:
         raise MoramError(f"{store.path}: store key_init {a.key_init!r} is unknown to this moram (it knows {', '.join(KEY_INITS)}); upgrade moram")
@@ -52,7 +52,9 @@ def build_memory_model(
     if per_bank and store.config.adapter.routing == "source":
         members = group_members(bank_groups(banks[:upto]))
         if len(members) > 1:
-            model.route_by_source(members, rank_indices(members, per_bank))
+            model.route_by_source(members, rank_indices(members, rank_counts(per_bank)))
+    if store.config.adapter.routing == "task" and len(per_bank) > 1:
+        route_by_task(model, bank_prototypes(banks[:upto]), rank_counts(per_bank))
     # Freshly injected layers start in training mode, which would skip the inference-only threshold.
     model.eval()
     return model, tokenizer
@@ -72,14 +74,36 @@ def group_members(groups: list[list[int]]) -> list[list[int]]:
     return [[i for i, tag in enumerate(groups) if group in tag] for group in sorted(set().union(*groups))]
 
 
-def rank_indices(members: list[list[int]], per_bank: list[BankTensors]) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+def bank_prototypes(banks: list[Bank]) -> list[dict[str, torch.Tensor]]:
+    """Each bank's task prototypes, which a task-routed store's learn-task records."""
+    prototypes = [bank.prototypes() for bank in banks]
+    for bank, recorded in zip(banks, prototypes):
+        if not recorded:
+            raise MoramError(f"{bank.path}: {MISSING_PROTOTYPES}")
+    return prototypes
+
+
+def route_by_task(model: MoramModel, prototypes: list[dict[str, torch.Tensor]], counts: list[dict[str, int]]) -> None:
+    """Route each sequence to the banks up to its nearest task (one bank needs no routing)."""
+    if len(counts) < 2:
+        return
+    members = [list(range(b + 1)) for b in range(len(counts))]
+    model.route_by_task({module: torch.stack([p[module] for p in prototypes]) for module in counts[0]}, rank_indices(members, counts))
+
+
+def rank_counts(per_bank: list[BankTensors]) -> list[dict[str, int]]:
+    """Each bank's number of ranks per module."""
+    return [{module: A.shape[0] for module, (A, _) in tensors.items()} for tensors in per_bank]
+
+
+def rank_indices(members: list[list[int]], counts: list[dict[str, int]]) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
     """Per module, the indices into its ranks (stacked bank after bank) of each group and of each bank.
 
     Computed per module because pruning may leave a bank different rank counts in different modules.
     """
     out = {}
-    for module in per_bank[0]:
-        sizes = [tensors[module][0].shape[0] for tensors in per_bank]
+    for module in counts[0]:
+        sizes = [bank[module] for bank in counts]
         banks = tuple(torch.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes)))
         out[module] = (tuple(torch.cat([banks[i] for i in group]) for group in members), banks)
     return out

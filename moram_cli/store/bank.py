@@ -22,11 +22,15 @@ from moram_cli.store.yamlio import read_yaml, write_yaml
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "bank.yaml"
+MISSING_PROTOTYPES = "the bank lacks the task prototypes a task-routed store needs; the bank is corrupt, restore it from a backup"
 MISSING_GROUPS = "bank.yaml lacks the routing_groups a source-routed store needs; the bank is corrupt, merge its sources again"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DIR_PATTERN = re.compile(r"[0-9]{3,}-" + NAME_PATTERN.pattern)
 
 BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+# Entries `<module>.prototype` beside a bank's keys and values: the mean input of its task's tokens to that module on
+# the bare base model, by which a task-routed store recognises the task's inputs (moram_cli.tuner.routing).
+PROTOTYPE = "prototype"
 
 
 def check_task_name(name: str) -> str:
@@ -79,6 +83,14 @@ class Bank:
             raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
         return unflatten(flat, self.path)
 
+    def prototypes(self) -> dict[str, torch.Tensor]:
+        """Module name -> this bank's task prototype there; empty when none was recorded."""
+        try:
+            with safe_open(self.path / WEIGHTS_FILE, "pt") as weights:
+                return {key.rsplit(".", 1)[0]: weights.get_tensor(key) for key in weights.keys() if key.endswith(f".{PROTOTYPE}")}
+        except (SafetensorError, OSError) as exc:
+            raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
+
     def shapes(self) -> dict[str, tuple[list[int], list[int]]]:
         """Module name -> (shape of A, shape of B), read from the safetensors header alone."""
         try:
@@ -106,12 +118,14 @@ def stack_banks(per_bank: list[BankTensors]) -> BankTensors:
     }
 
 
-def flatten(tensors: BankTensors) -> dict[str, torch.Tensor]:
-    """Keys `<module>.A` (the keys of the memory) and `<module>.B` (its values)."""
+def flatten(tensors: BankTensors, prototypes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Keys `<module>.A` (the keys of the memory), `<module>.B` (its values) and, when given, `<module>.prototype`."""
     flat = {}
     for module, (A, B) in tensors.items():
         flat[f"{module}.A"] = A.contiguous()
         flat[f"{module}.B"] = B.contiguous()
+    for module, prototype in (prototypes or {}).items():
+        flat[f"{module}.{PROTOTYPE}"] = prototype.contiguous()
     return flat
 
 
@@ -124,12 +138,12 @@ def unflatten(flat: dict, where: Path) -> dict:
         raise MoramError(f"{where}: bank is missing tensor {exc.args[0]}; restore the bank from a backup") from None
 
 
-def write_bank(directory: Path, tensors: BankTensors, metadata: dict) -> None:
+def write_bank(directory: Path, tensors: BankTensors, metadata: dict, prototypes: dict[str, torch.Tensor] | None = None) -> None:
     """Write a bank's files into `directory` (a staging directory: the store renames it into place)."""
     directory.mkdir(parents=True)
     weights = directory / WEIGHTS_FILE
     try:
-        save_file(flatten(tensors), str(weights))
+        save_file(flatten(tensors, prototypes), str(weights))
     except SafetensorError as exc:
         # safetensors reports I/O failures (disk full, read-only) as its own error, not as OSError.
         raise OSError(errno.EIO, one_line(str(exc), 160)) from None

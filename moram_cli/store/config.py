@@ -14,9 +14,10 @@ CONFIG_FILE = "store.yaml"
 # moram; lora: one PEFT LoRA adapter trained on task after task (SeqLoRA); inclora: a new LoRA per task, old ones
 # frozen, all summed without a gate (IncLoRA). The two baselines share the store, training and evaluation code.
 METHODS = ("moram", "lora", "inclora")
-# token: every rank competes for every token (the method); source: a merged store answers each sequence with the
-# banks of one source store (moram_cli.tuner.routing), recorded per bank as `routing_groups`.
-ROUTINGS = ("token", "source")
+# token: every rank competes for every token (the method); task: at inference each sequence is answered by the banks up
+# to the task it resembles most (by the prototypes its banks record); source: a merged store answers each sequence with
+# the banks of one source store, recorded per bank as `routing_groups` (moram_cli.tuner.routing).
+ROUTINGS = ("token", "task", "source")
 # How a later task's new keys start: at random as the method is written, from the task's own inputs, or copied from
 # the previous bank (moram_cli.training.key_init).
 KEY_INITS = ("kaiming", "data", "warm")
@@ -28,9 +29,10 @@ class AdapterSettings:
 
     k, temperature and threshold configure MoRAM's gate; `lora_alpha` is set
     for method lora only (its output is scaled by lora_alpha / r). `routing`
-    is "source" only in stores `moram merge` wrote that way. `key_init` says
-    how a later task's new keys start (moram_cli.training.key_init); None
-    only until `init` picks the method's default.
+    is "token" or "task" (set by `init`), or "source" in stores `moram merge`
+    wrote that way. `key_init` says how a later task's new keys start
+    (moram_cli.training.key_init). Both are None only until `init` picks the
+    method's default.
     """
 
     r: int = 8
@@ -40,7 +42,7 @@ class AdapterSettings:
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj"])
     lora_alpha: float | None = None
-    routing: str = "token"
+    routing: str | None = None
     key_init: str | None = None
 
 
@@ -100,8 +102,8 @@ class StoreConfig:
         try:
             return cls(
                 base_model=BaseModelRef.from_dict(data["base_model"]),
-                # Stores written before key_init existed drew every task's keys at random.
-                adapter=_settings(AdapterSettings, {"key_init": "kaiming", **data.get("adapter", {})}),
+                # Stores written before key_init and task routing existed drew every task's keys at random and gated every token.
+                adapter=_settings(AdapterSettings, {"key_init": "kaiming", "routing": "token", **data.get("adapter", {})}),
                 training=_settings(TrainingSettings, data.get("training", {})),
                 **{k: data[k] for k in ("method", "dtype", "format_version", "tool_version", "created") if k in data},
             )

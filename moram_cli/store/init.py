@@ -14,8 +14,11 @@ from moram_cli.store.config import KEY_INITS, METHODS, AdapterSettings, StoreCon
 from moram_cli.store.store import MemoryStore
 from moram_cli.store.yamlio import read_yaml
 
-# How a new moram store's later tasks start their keys: the winner of bench/plasticity.py (see the README).
+# How a new moram store's later tasks start their keys, and how it routes: the winners of bench/plasticity.py (see the README).
 DEFAULT_KEY_INIT = "data"
+DEFAULT_ROUTING = "task"
+# A store learned task after task routes by token or by task; source routing is for stores `moram merge` writes.
+INIT_ROUTINGS = ("token", "task")
 
 
 def init_store(
@@ -78,8 +81,8 @@ ADAPTER_RULES = (
 def _check_adapter(a: AdapterSettings) -> None:
     if a.key_init not in KEY_INITS:
         raise MoramError(f"invalid --key-init {a.key_init!r}; use one of {', '.join(KEY_INITS)}")
-    if a.routing != "token":
-        raise MoramError("routing is set by moram merge (--routing) for the store it writes, not when a store is created; remove it from the recipe")
+    if a.routing not in INIT_ROUTINGS:
+        raise MoramError(f"invalid --routing {a.routing!r}; use one of {', '.join(INIT_ROUTINGS)} (source routing is for stores moram merge writes)")
     for name, ok, need in ADAPTER_RULES:
         if not ok(getattr(a, name)):
             raise MoramError(f"invalid --{name} {getattr(a, name)!r}: need {need} (a flag, or the recipe's adapter section)")
@@ -87,9 +90,13 @@ def _check_adapter(a: AdapterSettings) -> None:
 
 def _method_adapter(a: AdapterSettings, method: str) -> AdapterSettings:
     """LoRA's alpha defaults to r: a scaling of 1, as MoRAM and IncLoRA apply, so the methods differ only in how ranks combine.
-    New keys start from the task's data in MoRAM and at random in the baselines, as published."""
+    New keys start from the task's data in MoRAM and at random in the baselines, as published; only MoRAM routes by task."""
     if a.key_init is None:
         a = replace(a, key_init=DEFAULT_KEY_INIT if method == "moram" else "kaiming")
+    if a.routing is None:
+        a = replace(a, routing=DEFAULT_ROUTING if method == "moram" else "token")
+    if a.routing == "task" and method != "moram":
+        raise MoramError(f"--routing task needs method moram; the {method} baseline has no gate to route, use --routing token")
     if method != "lora":
         if a.lora_alpha is not None:
             raise MoramError(f"lora_alpha applies to --method lora only, not {method}; remove it from the recipe")

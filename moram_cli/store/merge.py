@@ -10,7 +10,7 @@ from moram_cli import __version__
 from moram_cli.data.jsonl import Example, read_examples
 from moram_cli.errors import MoramError
 from moram_cli.store.bank import Bank
-from moram_cli.store.config import ROUTINGS, StoreConfig
+from moram_cli.store.config import StoreConfig
 from moram_cli.store.prune import prune_store
 from moram_cli.store.store import MemoryStore
 
@@ -127,12 +127,16 @@ def merged_config(first: StoreConfig, routing: str) -> StoreConfig:
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
+# A merged store's banks come from separate sequences, so they form no prefix a task could be routed to.
+MERGE_ROUTINGS = ("token", "source")
+
+
 def _routing(asked: str | None, method: str) -> str:
     """Source routing picks banks by their experts' gate scores, so it needs moram's gate; it is moram's default."""
     if asked is None:
         return "source" if method == "moram" else "token"
-    if asked not in ROUTINGS:
-        raise MoramError(f"--routing {asked!r} is unknown; use one of {', '.join(ROUTINGS)}")
+    if asked not in MERGE_ROUTINGS:
+        raise MoramError(f"--routing {asked!r} is unknown; use one of {', '.join(MERGE_ROUTINGS)}")
     if asked == "source" and method != "moram":
         raise MoramError(f"--routing source needs moram stores: the {method} method has no gate to pick a source with; use --routing token")
     return asked

@@ -9,7 +9,7 @@ import torch
 
 from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
-from moram_cli.store.bank import META_FILE, MISSING_GROUPS, Bank, BankTensors, is_bank_dir, routing_groups
+from moram_cli.store.bank import META_FILE, MISSING_GROUPS, MISSING_PROTOTYPES, Bank, BankTensors, is_bank_dir, routing_groups
 from moram_cli.store.lock import lock_message
 from moram_cli.store.store import BANKS_DIR, RESUME_PREFIX, STAGING_DIR, MemoryStore
 
@@ -41,8 +41,7 @@ def verify_store(store_path: Path) -> dict:
     warnings. Returns the report that `--json` prints.
     """
     store = MemoryStore.open(store_path)
-    routed = store.config.adapter.routing == "source"
-    banks = [_check_bank(bank, position, routed) for position, bank in enumerate(store.banks(), start=1)]
+    banks = [_check_bank(bank, position, store.config.adapter.routing) for position, bank in enumerate(store.banks(), start=1)]
     _check_alike(banks)
     reports = banks + _strays(store.path / BANKS_DIR)
     problems = [problem for report in reports for problem in report.problems]
@@ -59,14 +58,14 @@ def require_healthy(report: dict) -> dict:
     return report
 
 
-def _check_bank(bank: Bank, position: int, routed: bool) -> BankReport:
+def _check_bank(bank: Bank, position: int, routing: str) -> BankReport:
     report = BankReport(bank.path)
     if bank.index != position:
         report.problems.append(
             f"{bank.path}: numbered {bank.index:03d} where bank {position:03d} should be (a bank is missing or numbered twice); "
             "restore the missing bank from a backup"
         )
-    metadata = _check_metadata(bank, report, routed)
+    metadata = _check_metadata(bank, report, routing == "source")
     try:
         # Without a recorded hash there is nothing to compare; the metadata check has said so already.
         tensors = bank.tensors(verify=metadata is not None and "weights_sha256" in metadata)
@@ -74,6 +73,8 @@ def _check_bank(bank: Bank, position: int, routed: bool) -> BankReport:
         report.problems.append(str(err))
         return report
     _check_tensors(bank, tensors, report)
+    if routing == "task" and not bank.prototypes():
+        report.problems.append(f"{bank.path}: {MISSING_PROTOTYPES}")
     return report
 
 

@@ -138,6 +138,18 @@ def main_process_lock(accelerator: Accelerator, store_path: Path, break_lock: bo
         yield
 
 
+@contextmanager
+def whole_model(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter whole on every process meanwhile: under ZeRO-3 a forward pass before training would meet shards."""
+    if not (uses_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
+
+
 def gathered_ranks(accelerator: Accelerator, model, params: list[torch.nn.Parameter]) -> BankTensors:
     """The trained ranks, whole, on every process: under ZeRO-3 each process holds only a shard of them."""
     inner = accelerator.unwrap_model(model)

@@ -1,4 +1,5 @@
-"""The keys a task's new experts start from, by the store's `key_init` (the math is in moram_cli.tuner.keys).
+"""The keys a task's new experts start from, by the store's `key_init` (the math is in moram_cli.tuner.keys), and
+the prototype a task-routed store's bank records of its task.
 
 `kaiming` draws them at random, as the method is written; `warm` copies the
 previous bank's keys (what the authors' LLM code effectively trained from);
@@ -18,12 +19,12 @@ from accelerate import Accelerator
 from moram_cli.data.encode import Encoded
 from moram_cli.models.token_passes import masked_passes
 from moram_cli.store import MemoryStore
-from moram_cli.training.distributed import main_value
+from moram_cli.training.distributed import main_value, whole_model
 from moram_cli.training.progress import phase_progress
 from moram_cli.tuner import MoramModel
 from moram_cli.tuner.keys import InputMoments, data_keys
 
-# Examples whose inputs make `data` keys: the moments of 64 examples' tokens (a few thousand) settle the leading
+# Examples whose inputs make `data` keys and task prototypes: the moments of 64 examples' tokens (a few thousand) settle the leading
 # directions of a 576-wide layer, and the pass costs a few seconds on CPU.
 DATA_KEY_EXAMPLES = 64
 
@@ -39,14 +40,33 @@ def initial_keys(store: MemoryStore, model: MoramModel, encoded: list[Encoded], 
         return None
     if mode == "warm":
         return {module: A for module, (A, _) in banks[-1].tensors().items()}
-    sample = sorted(random.Random(seed).sample(range(len(encoded)), min(DATA_KEY_EXAMPLES, len(encoded))))
-    moments = input_moments(model, [encoded[i] for i in sample], pad_id, batch_size, show_progress and accelerator.is_main_process)
+    with model.unrouted(), whole_model(accelerator, model):
+        moments = input_moments(model, data_sample(encoded, seed), pad_id, batch_size, "data keys", show_progress and accelerator.is_main_process)
     old = model.frozen_keys()
     keys = {module: data_keys(m, old[module], store.config.adapter.r) for module, m in moments.items()}
     return main_value(accelerator, keys)
 
 
-def input_moments(model: MoramModel, encoded: list[Encoded], pad_id: int, batch_size: int, show_progress: bool) -> dict[str, InputMoments]:
+def task_prototypes(model: MoramModel, encoded: list[Encoded], pad_id: int, batch_size: int, seed: int, accelerator: Accelerator,
+                    show_progress: bool) -> dict[str, torch.Tensor]:
+    """Module name -> the new task's prototype there (moram_cli.tuner.routing): the mean input of its tokens on the bare base model."""
+    model.disable_adapter_layers()
+    try:
+        with model.unrouted(), whole_model(accelerator, model):
+            moments = input_moments(model, data_sample(encoded, seed), pad_id, batch_size, "task prototype",
+                                    show_progress and accelerator.is_main_process)
+    finally:
+        model.enable_adapter_layers()
+    return main_value(accelerator, {module: (m.total / max(m.tokens, 1)).float() for module, m in moments.items()})
+
+
+def data_sample(encoded: list[Encoded], seed: int) -> list[Encoded]:
+    """The examples, drawn by `seed`, whose inputs a task's keys and prototype come from."""
+    return [encoded[i] for i in sorted(random.Random(seed).sample(range(len(encoded)), min(DATA_KEY_EXAMPLES, len(encoded))))]
+
+
+def input_moments(model: MoramModel, encoded: list[Encoded], pad_id: int, batch_size: int, label: str, show_progress: bool
+                  ) -> dict[str, InputMoments]:
     """Each adapted layer's input moments over the (unpadded) tokens of `encoded`."""
     layers = model.moram_layers()
     moments = {module: InputMoments(layer.in_features) for module, layer in layers.items()}
@@ -58,7 +78,7 @@ def input_moments(model: MoramModel, encoded: list[Encoded], pad_id: int, batch_
     hooks = [layer.register_forward_pre_hook(observe(moments[module])) for module, layer in layers.items()]
     try:
         with phase_progress(show_progress) as progress:
-            bar = progress.add_task("data keys", total=-(-len(encoded) // batch_size))
+            bar = progress.add_task(label, total=-(-len(encoded) // batch_size))
             masked_passes(model, encoded, pad_id, batch_size, lambda mask: current.update(tokens=mask),
                           lambda: progress.advance(bar))
     finally:

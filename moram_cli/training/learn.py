@@ -18,7 +18,7 @@ from moram_cli.errors import MoramError
 from moram_cli.evaluation.continual import accuracy_row, measure_before_learning
 from moram_cli.evaluation.evaluate import evaluate_examples
 from moram_cli.models.fingerprint import sha256_file
-from moram_cli.models.memory import build_memory_model
+from moram_cli.models.memory import bank_prototypes, build_memory_model, route_by_task
 from moram_cli.store import MemoryStore, TrainingSettings
 from moram_cli.store.bank import BankTensors, check_task_name
 from moram_cli.store.lock import lock_message, stale_lock
@@ -27,9 +27,9 @@ from moram_cli.training.checkpoint import (
     resume_dir, run_identity,
 )
 from moram_cli.training.distributed import (
-    BatchSplit, batch_split, gathered_ranks, main_process_lock, make_accelerator, on_main, resolve_precision, uses_deepspeed,
+    BatchSplit, batch_split, gathered_ranks, main_process_lock, make_accelerator, on_main, resolve_precision, uses_deepspeed, whole_model,
 )
-from moram_cli.training.key_init import initial_keys
+from moram_cli.training.key_init import initial_keys, task_prototypes
 from moram_cli.training.loop import TrainingLoop
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -144,12 +144,21 @@ def _learn(
     started = time.time()
     torch.manual_seed(settings.seed)
     model, tokenizer = build_memory_model(store, trust_remote_code=trust_remote_code)
-    baseline = measure_before_learning(store, model, tokenizer, eval_data, eval_examples, settings.max_length)
+    with whole_model(accelerator, model):
+        baseline = measure_before_learning(store, model, tokenizer, eval_data, eval_examples, settings.max_length)
     encoded, n_cut = encode_dataset(examples, tokenizer, settings.max_length)
     params = _new_ranks(store, model, encoded, tokenizer.pad_token_id, settings, accelerator, show_progress)
+    routed = store.config.adapter.routing == "task"
+    prototypes = task_prototypes(model, encoded, tokenizer.pad_token_id, settings.batch_size, settings.seed, accelerator,
+                                 show_progress) if routed else None
     precision = resolve_precision(settings.precision, accelerator)
     loop = TrainingLoop(accelerator, model, params, encoded, tokenizer.pad_token_id, settings, split, precision)
     state = loop.run(show_progress, resume, checkpoint)
+    if routed:
+        # The task's own test set and the earlier ones are scored as the store will answer them, new bank included.
+        banks = store.banks()
+        route_by_task(model, bank_prototypes(banks) + [prototypes],
+                      [{module: A[0] for module, (A, _) in bank.shapes().items()} for bank in banks] + [dict.fromkeys(prototypes, store.config.adapter.r)])
     summary = {
         "task": name, "data": str(data), "data_sha256": data_sha256, "examples": len(examples),
         "truncated_examples": n_cut, "new_ranks_per_module": store.config.adapter.r, "key_init": store.config.adapter.key_init,
@@ -168,7 +177,7 @@ def _learn(
     summary |= {"wall_seconds": round(time.time() - started, 1), "tool_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     ranks = gathered_ranks(accelerator, loop.model, params)
-    summary["bank"] = on_main(accelerator, lambda: _write_bank(store, name, ranks, summary))
+    summary["bank"] = on_main(accelerator, lambda: _write_bank(store, name, ranks, summary, prototypes))
     return summary
 
 
@@ -194,9 +203,9 @@ def _resume_data(store: MemoryStore, accelerator: Accelerator, run: dict, settin
     return None if uses_deepspeed(accelerator) else ResumeData(directory, run, asdict(settings))
 
 
-def _write_bank(store: MemoryStore, name: str, ranks: BankTensors, summary: dict) -> str:
+def _write_bank(store: MemoryStore, name: str, ranks: BankTensors, summary: dict, prototypes: dict[str, torch.Tensor] | None) -> str:
     """Append the bank, then drop the run's resume data: from here on the bank is the result."""
-    bank = store.add_bank(name, ranks, summary)
+    bank = store.add_bank(name, ranks, summary, prototypes)
     remove_resume_data(resume_dir(store.path, name))
     return str(bank.path)
 

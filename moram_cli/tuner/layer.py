@@ -35,6 +35,8 @@ class MoramLayer(nn.Module, BaseTunerLayer):
     router: SourceRouter | None = None
     rank_groups: tuple[torch.Tensor, ...] = ()
     rank_banks: tuple[torch.Tensor, ...] = ()
+    # Set on the layers of a task-routed store: each bank's task prototype for this layer's input (banks × d_in).
+    prototypes: torch.Tensor | None = None
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoramConfig) -> None:
         super().__init__()
@@ -81,6 +83,10 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        if self.router is not None and self.router.measuring and self.router.reads_inputs:
+            # The task router's first pass: the bare model, read layer by layer.
+            self.router.observe(x, self.prototypes)
+            return result
         name = self.active_adapters[0]
         A_parts = [d[name] for d in (self.moram_A_frozen, self.moram_A) if name in d]
         if not A_parts:
@@ -95,7 +101,7 @@ class MoramLayer(nn.Module, BaseTunerLayer):
 
     def _gated(self, z: torch.Tensor) -> torch.Tensor:
         threshold = 0.0 if self.training else self.config.threshold
-        if self.router is None:
+        if self.router is None or not self.router.routes(self.training):
             g = rank_gate(z, self.config.k, self.config.temperature, threshold)
         else:
             g = self.router.gate(z, self.rank_groups, self.rank_banks, self.config.k, self.config.temperature, threshold)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from moram_cli.tuner.config import MoramConfig
 from moram_cli.tuner.layer import MoramLayer
-from moram_cli.tuner.routing import SourceRouter
+from moram_cli.tuner.routing import SourceRouter, TaskRouter
 
 BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+# Module name -> its rank indices (into the stacked ranks) per routing group and per bank.
+RankIndices = dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
 
 
 class MoramModel(BaseTuner):
@@ -41,13 +46,38 @@ class MoramModel(BaseTuner):
         for name, (A, B) in stacked.items():
             layers[name].set_frozen(A, B)
 
-    def route_by_source(self, members: list[list[int]], ranks: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]) -> None:
+    def route_by_source(self, members: list[list[int]], ranks: RankIndices) -> None:
         """Answer each sequence with one group of banks (a source store's): `members[g]` lists group g's banks,
         `ranks` maps each module to its rank indices per group and per bank."""
-        router = SourceRouter(members, banks=len(next(iter(ranks.values()))[1]))
+        self._route(SourceRouter(members, banks=len(next(iter(ranks.values()))[1])), ranks)
+
+    def route_by_task(self, prototypes: dict[str, torch.Tensor], ranks: RankIndices) -> None:
+        """Answer each sequence with the banks up to the task it resembles most: `prototypes` maps each module to its
+        banks' task prototypes (banks × d_in), `ranks` to its rank indices per prefix of banks and per bank."""
+        self._route(TaskRouter(banks=len(next(iter(ranks.values()))[1])), ranks)
+        for name, layer in self.moram_layers().items():
+            layer.prototypes = prototypes[name].to(layer.get_base_layer().weight.device)
+
+    @contextmanager
+    def unrouted(self) -> Iterator[None]:
+        """Every sequence meets every rank meanwhile, as in training."""
+        router = next((layer.router for layer in self.moram_layers().values() if layer.router is not None), None)
+        if router is None:
+            yield
+            return
+        router.enabled = False
+        try:
+            yield
+        finally:
+            router.enabled = True
+
+    def _route(self, router: SourceRouter, ranks: RankIndices) -> None:
+        # Routing again (a task-routed store that just learned a task) replaces the earlier router.
+        if getattr(self, "_routing_hook", None) is not None:
+            self._routing_hook.remove()
         for name, layer in self.moram_layers().items():
             layer.router, (layer.rank_groups, layer.rank_banks) = router, ranks[name]
-        router.attach(self.model)
+        self._routing_hook = router.attach(self.model)
 
     def add_task_ranks(self, r: int, seed: int, keys: dict[str, torch.Tensor] | None = None) -> list[nn.Parameter]:
         """Add `r` trainable experts to every adapted layer, starting from `keys` (module name -> at most `r` keys, see

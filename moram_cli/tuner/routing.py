@@ -1,4 +1,6 @@
-"""Source routing: a merged store answers each sequence with the memory of one of its source stores.
+"""Routing: a store answers each sequence with one group of its banks, picked by a first pass over the sequence.
+
+Source routing (`SourceRouter`): a merged store answers each sequence with the memory of one of its source stores.
 
 Banks trained in separate stores never competed in one gate, so after a merge
 the experts of one store also win tokens of the other's task (on SmolLM2, a
@@ -11,6 +13,17 @@ The real pass then gates each sequence within the winning source only, which
 is exactly that source store's gate. Banks, not whole sources, are scored
 because a normalised maximum falls as ranks are added: scored whole, a
 two-bank source lost every input to a one-bank source.
+
+Task routing (`TaskRouter`): a store learned task after task answers each
+sequence with its banks up to the task the sequence resembles most, i.e. as
+the store was right after learning that task, so later tasks cannot take
+over an earlier task's inputs. Gate scores cannot tell the tasks apart here
+(a later bank trained against the earlier ones outscored them on every
+task's text); the inputs can. Each bank records its task's prototype, the
+mean input of its tokens to every adapted module on the bare base model; the
+first pass runs the bare model and picks the bank whose prototypes are
+nearest (squared distance summed over the modules) to the sequence's mean
+inputs. Routing acts at inference only: training gates over every rank.
 """
 
 from __future__ import annotations
@@ -30,16 +43,26 @@ class SourceRouter:
     sequence keeps the choice made on its prompt.
     """
 
+    # Whether the first pass runs the bare base model and reads each adapted layer's input (`observe`) instead of
+    # scoring banks by their experts' gate scores.
+    reads_inputs = False
+
     def __init__(self, members: list[list[int]], banks: int) -> None:
         self.members = members
         self.banks = banks
+        # Off while a task's statistics are collected on the store's full memory (moram_cli.training.key_init).
+        self.enabled = True
         self.measuring = False
         self.chosen: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
 
-    def attach(self, model: nn.Module) -> None:
-        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+    def attach(self, model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        return model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    def routes(self, training: bool) -> bool:
+        """Whether the gate routes now: at inference, unless switched off."""
+        return self.enabled and not training
 
     def gate(self, z: torch.Tensor, groups: tuple[torch.Tensor, ...], banks: tuple[torch.Tensor, ...], k: int, temperature: float,
              threshold: float) -> torch.Tensor:
@@ -64,7 +87,7 @@ class SourceRouter:
             self._scores[:, index] += (best * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
     def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.measuring:
+        if self.measuring or not self.routes(model.training):
             return
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
@@ -85,3 +108,23 @@ class SourceRouter:
         finally:
             self.measuring = False
         self.chosen = torch.stack([self._scores[:, banks].amax(-1) for banks in self.members], dim=-1).argmax(-1)
+
+
+class TaskRouter(SourceRouter):
+    """Picks, per sequence, the banks up to the one whose task prototypes are nearest to the sequence's inputs.
+
+    The groups are the store's prefixes (banks 1..b); a prefix scores as its
+    best bank, and ties go to the shortest, so the choice is the prefix ending
+    at the nearest bank. Each layer passes its own prototypes (banks × d_in).
+    """
+
+    reads_inputs = True
+
+    def __init__(self, banks: int) -> None:
+        super().__init__([list(range(b + 1)) for b in range(banks)], banks)
+
+    def observe(self, x: torch.Tensor, prototypes: torch.Tensor) -> None:
+        """Score every bank by minus the squared distance of the sequence's mean input `x` (batch first) to its prototype."""
+        mask = self._mask.to(x.dtype).unsqueeze(-1)
+        mean = (x * mask).sum(1) / mask.sum(1).clamp_min(1)
+        self._scores -= torch.cdist(mean.float(), prototypes.to(device=x.device, dtype=torch.float32)).square()
