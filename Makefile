@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.moram-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test quick install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The fast tests only (tiny random models, a few minutes); `make test` adds the slow ones (SmolLM2, DeepSpeed).
+quick: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo-store

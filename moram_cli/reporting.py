@@ -127,7 +127,8 @@ def inspect_tables(result: dict) -> Group:
     title = f"ranks of {result['store']}" + (f" (modules matching {result['module_filter']!r})" if result["module_filter"] else "")
     caption = f"{totals['ranks']} ranks, {totals['parameters']:,} parameters, {totals['dead_ranks']} dead; {totals['disk_bytes']:,} bytes on disk"
     gates = [gates_table(result["gates"], [b["bank"] for b in result["banks"]])] if "gates" in result else []
-    return Group(titled(banks, title, caption), *gates)
+    plot = [Text(f"heatmaps written to {result['plot']}")] if "plot" in result else []
+    return Group(titled(banks, title, caption), *gates, *plot)
 
 
 def gates_table(gates: dict, banks: list[str]) -> Group:

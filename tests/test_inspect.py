@@ -106,6 +106,8 @@ def test_plot_writes_heatmaps(store, tiny_task, tmp_path):
     result = inspect(store, "--data", tiny_task.test, "--plot", tmp_path / "gates.png")
     assert result["plot"] == str(tmp_path / "gates.png")
     assert (tmp_path / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = runner.invoke(app, ["inspect-ranks", str(store), "--data", str(tiny_task.test), "--plot", str(tmp_path / "again.png")])
+    assert shown.exit_code == 0 and f"heatmaps written to {tmp_path / 'again.png'}" in shown.stdout
     fails_cleanly(["inspect-ranks", store, "--data", tiny_task.test, "--plot", tmp_path / "gates.xyz"], store, "cannot write the plot")
 
 

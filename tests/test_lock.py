@@ -85,7 +85,8 @@ def test_a_stale_lock_is_reported_and_break_lock_clears_it(store, tiny_task):
     message = refused(learn(store, tiny_task.train))
     assert f"lock by pid {NO_SUCH_PID} on {socket.gethostname()} since 2025-01-02T03:04:05+00:00 (moram learn-task) is stale" in message
     assert message.endswith("(the process is gone); rerun with --break-lock to clear it")
-    assert learn(store, tiny_task.train, "--break-lock").exit_code == 0
+    result = learn(store, tiny_task.train, "--break-lock")
+    assert result.exit_code == 0 and f"--break-lock: removed the lock of pid {NO_SUCH_PID} on {socket.gethostname()}" in result.stderr
     assert [p.name for p in (store / "banks").iterdir()] == ["001-tiny_task0"] and not (store / LOCK_FILE).exists()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -117,3 +118,6 @@ def _break(lock: Path) -> None:
         lock.unlink(missing_ok=True)
     except OSError as exc:
         raise MoramError(f"{lock}: cannot remove the lock ({exc.strerror}); remove it by hand") from None
+    if holder is not None:
+        who = one_line(f"pid {holder['pid']} on {holder['host']} since {holder['since']}", 200)
+        print(f"--break-lock: removed the lock of {who}", file=sys.stderr)
