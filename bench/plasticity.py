@@ -13,6 +13,7 @@ benchmark chose (bench/results/cl-benchmark.json).
 
     python bench/plasticity.py                         # every option, seeds 0-2 (about 1.5 h on 2 cores)
     python bench/plasticity.py --options kaiming,data --seeds 0
+    python bench/plasticity.py --options data-task-later2e-3,data-task,inclora,seqlora --seeds 0,1,2,3,4 --results-name plasticity-5-seeds
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages-dir", type=Path, default=REPO / "bench" / "results" / "plasticity-stages",
                    help="one JSON per finished stage: commit them, and a later run resumes from them")
     p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--results-name", default="plasticity", help="the results files' name: NAME.json, NAME.md, NAME.png")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     # What Benchmark reads besides: test slices are never used here, and every option's settings are fixed.
@@ -220,7 +222,7 @@ def plot(result: dict, path: Path) -> None:
 
 def write_results(result: dict, args: argparse.Namespace) -> list[Path]:
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    paths = [args.results_dir / f"plasticity.{suffix}" for suffix in ("json", "md", "png")]
+    paths = [args.results_dir / f"{args.results_name}.{suffix}" for suffix in ("json", "md", "png")]
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(markdown_report(result))
     plot(result, paths[2])

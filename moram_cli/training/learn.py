@@ -155,10 +155,7 @@ def _learn(
     loop = TrainingLoop(accelerator, model, params, encoded, tokenizer.pad_token_id, settings, split, precision)
     state = loop.run(show_progress, resume, checkpoint)
     if routed:
-        # The task's own test set and the earlier ones are scored as the store will answer them, new bank included.
-        banks = store.banks()
-        route_by_task(model, bank_prototypes(banks) + [prototypes],
-                      [{module: A[0] for module, (A, _) in bank.shapes().items()} for bank in banks] + [dict.fromkeys(prototypes, store.config.adapter.r)])
+        _route_with_new_bank(store, model, prototypes)
     summary = {
         "task": name, "data": str(data), "data_sha256": data_sha256, "examples": len(examples),
         "truncated_examples": n_cut, "new_ranks_per_module": store.config.adapter.r, "key_init": store.config.adapter.key_init,
@@ -189,6 +186,14 @@ def _new_ranks(store: MemoryStore, model, encoded: list[Encoded], pad_id: int, s
         return model.add_task_ranks(store.config.adapter.r, seed)
     keys = initial_keys(store, model, encoded, pad_id, settings.batch_size, settings.seed, accelerator, show_progress)
     return model.add_task_ranks(store.config.adapter.r, seed, keys)
+
+
+def _route_with_new_bank(store: MemoryStore, model, prototypes: dict[str, torch.Tensor]) -> None:
+    """Route the trained model as the store will answer once its bank is written, so that the task's own test set and
+    the earlier ones are scored that way."""
+    banks = store.banks()
+    counts = [{module: A[0] for module, (A, _) in bank.shapes().items()} for bank in banks]
+    route_by_task(model, bank_prototypes(banks) + [prototypes], counts + [dict.fromkeys(prototypes, store.config.adapter.r)])
 
 
 def _resume_data(store: MemoryStore, accelerator: Accelerator, run: dict, settings: TrainingSettings,
