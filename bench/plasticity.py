@@ -11,7 +11,7 @@ as they finish and are committed, so a run continues in another session from
 them alone; stores are rebuilt when needed. Method settings are the ones the
 benchmark chose (bench/results/cl-benchmark.json).
 
-    python bench/plasticity.py                         # every option, seeds 0-2 (about 1.5 h on 2 cores)
+    python bench/plasticity.py                         # every option, seeds 0-2 (2 to 3 h on 2 cores; committed stages are reused)
     python bench/plasticity.py --options kaiming,data --seeds 0
     python bench/plasticity.py --options data-task-later2e-3,data-task,inclora,seqlora --seeds 0,1,2,3,4 --results-name plasticity-5-seeds
 """
