@@ -54,7 +54,7 @@ def task_prototypes(model: MoramModel, encoded: list[Encoded], pad_id: int, batc
     try:
         with model.unrouted(), whole_model(accelerator, model):
             moments = input_moments(model, data_sample(encoded, seed), pad_id, batch_size, "task prototype",
-                                    show_progress and accelerator.is_main_process)
+                                    show_progress and accelerator.is_main_process, second=False)
     finally:
         model.enable_adapter_layers()
     return main_value(accelerator, {module: (m.total / max(m.tokens, 1)).float() for module, m in moments.items()})
@@ -65,11 +65,11 @@ def data_sample(encoded: list[Encoded], seed: int) -> list[Encoded]:
     return [encoded[i] for i in sorted(random.Random(seed).sample(range(len(encoded)), min(DATA_KEY_EXAMPLES, len(encoded))))]
 
 
-def input_moments(model: MoramModel, encoded: list[Encoded], pad_id: int, batch_size: int, label: str, show_progress: bool
-                  ) -> dict[str, InputMoments]:
-    """Each adapted layer's input moments over the (unpadded) tokens of `encoded`."""
+def input_moments(model: MoramModel, encoded: list[Encoded], pad_id: int, batch_size: int, label: str, show_progress: bool,
+                  second: bool = True) -> dict[str, InputMoments]:
+    """Each adapted layer's input moments (the second one unless `second` is off) over the (unpadded) tokens of `encoded`."""
     layers = model.moram_layers()
-    moments = {module: InputMoments(layer.in_features) for module, layer in layers.items()}
+    moments = {module: InputMoments(layer.in_features, second) for module, layer in layers.items()}
     current = {}
 
     def observe(moment: InputMoments):

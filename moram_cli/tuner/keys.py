@@ -12,6 +12,7 @@ import math
 
 import torch
 
+
 def kaiming_keys(r: int, in_features: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """`r` keys like `nn.Linear` weights (kaiming-uniform with a = √5), drawn from `generator` for reproducibility."""
     bound = 1 / math.sqrt(in_features)
@@ -19,17 +20,20 @@ def kaiming_keys(r: int, in_features: int, generator: torch.Generator | None = N
 
 
 class InputMoments:
-    """Running second moment and sum of a layer's inputs, in float64 so the order of batches does not matter."""
+    """Running sum and (unless `second` is off) second moment of a layer's inputs, in float64 so the order of batches
+    does not matter."""
 
-    def __init__(self, in_features: int) -> None:
-        self.second = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, second: bool = True) -> None:
+        # The second moment costs in_features² per token: a mean alone (a task prototype) skips it.
+        self.second = torch.zeros(in_features, in_features, dtype=torch.float64) if second else None
         self.total = torch.zeros(in_features, dtype=torch.float64)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Fold in some tokens' inputs (`x`: tokens × in_features)."""
         x = x.detach().to(device="cpu", dtype=torch.float64)
-        self.second += x.T @ x
+        if self.second is not None:
+            self.second += x.T @ x
         self.total += x.sum(0)
         self.tokens += x.shape[0]
 
@@ -50,7 +54,7 @@ def data_keys(moments: InputMoments, old: torch.Tensor | None, r: int) -> torch.
         basis = _row_basis(old.to(torch.float64))
         project -= basis.T @ basis
     free = int(round(torch.trace(project).item()))
-    values, vectors = torch.linalg.eigh(project @ moments.second @ project)
+    _, vectors = torch.linalg.eigh(project @ moments.second @ project)
     # eigh sorts ascending; a final projection removes what rounding left of the old span.
     keys = (project @ vectors[:, -min(r, free):].flip(-1)).T if free else torch.zeros(0, d, dtype=torch.float64)
     keys = keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
