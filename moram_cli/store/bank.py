@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,28 +78,28 @@ class Bank:
         weights = self.path / WEIGHTS_FILE
         if verify:
             self.verified_hash()
-        try:
+        with self._reading():
             flat = load_file(weights)
-        except (SafetensorError, OSError) as exc:
-            raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
         return unflatten(flat, self.path)
 
     def prototypes(self) -> dict[str, torch.Tensor]:
         """Module name -> this bank's task prototype there; empty when none was recorded."""
-        try:
-            with safe_open(self.path / WEIGHTS_FILE, "pt") as weights:
-                return {key.rsplit(".", 1)[0]: weights.get_tensor(key) for key in weights.keys() if key.endswith(f".{PROTOTYPE}")}
-        except (SafetensorError, OSError) as exc:
-            raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
+        with self._reading(), safe_open(self.path / WEIGHTS_FILE, "pt") as weights:
+            return {key.rsplit(".", 1)[0]: weights.get_tensor(key) for key in weights.keys() if key.endswith(f".{PROTOTYPE}")}
 
     def shapes(self) -> dict[str, tuple[list[int], list[int]]]:
         """Module name -> (shape of A, shape of B), read from the safetensors header alone."""
+        with self._reading(), safe_open(self.path / WEIGHTS_FILE, "pt") as weights:
+            flat = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+        return unflatten(flat, self.path)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The bank's weights file is read meanwhile: a failure is a one-line error naming the bank."""
         try:
-            with safe_open(self.path / WEIGHTS_FILE, "pt") as weights:
-                flat = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+            yield
         except (SafetensorError, OSError) as exc:
             raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
-        return unflatten(flat, self.path)
 
 
 def routing_groups(metadata: dict) -> list[int] | None:
