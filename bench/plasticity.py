@@ -20,21 +20,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from cl_benchmark import REPO, Benchmark, _say, prepare_data, script_main
+from cl_benchmark import REPO, Benchmark, _say, paired, prepare_data, script_main
 
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.cl_metrics import shown
+from moram_cli.evaluation.continual import continual_report
 from moram_cli.inspection.inspect import inspect_ranks
 from moram_cli.markdown import markdown_table
 from moram_cli.store import MemoryStore
+from moram_cli.store.init import init_store
+from moram_cli.training.learn import learn_task
 
+PROBE_MORAM = {"key_init": "kaiming", "routing": "token"}
 MORAM = {"lr": 8e-3, "temperature": 0.1, "k": 4, "threshold": 0.0, "later_lr": 1e-3}
 # Each option: its method and settings. "later" settings act from the second task on, so options that differ only in
 # them share the first task's stage.
@@ -78,16 +81,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     # What Benchmark reads besides: test slices are never used here, and every option's settings are fixed.
-    args.n_test, args.num_seeds, args.jobs, args.seed, args.methods = 0, 1, 1, 0, "moram,lora,inclora"
+    args.n_test, args.num_seeds, args.jobs, args.seed, args.methods, args.scorings = 0, 1, 1, 0, "moram,lora,inclora", "choice"
     return args
 
 
 class Probe(Benchmark):
+    """The benchmark's stages, each cell scored by ranked choice through `learn-task --eval-data` (the store's own
+    accuracy record, every task so far after each task)."""
+
+    def store_settings(self, method: str, setting: dict) -> dict:
+        # The probe's options name what they change from how the benchmark's MoRAM ran then (random keys, every token gated).
+        return super().store_settings(method, (PROBE_MORAM if method == "moram" else {}) | setting)
+
+    def recorded_sequence(self, store: Path, method: str, setting: dict, tasks: list[str], split: str) -> dict:
+        init_store(store, **self.store_settings(method, setting))
+        for task in tasks:
+            self.learn(store, task, split)
+        return self.summary(store, setting)
+
+    def learn(self, store: Path, task: str, split: str, **overrides) -> None:
+        learn_task(store, self.data(task, "train"), name=task, eval_data=self.data(task, split), show_progress=self.progress,
+                   **overrides)
+
+    def summary(self, store: Path, setting: dict) -> dict:
+        report = continual_report(store)
+        return {"setting": setting, "matrix": report["matrix"], "avg_acc": report["average_accuracy"]["value"],
+                "bwt": report["bwt"]["value"], "fwt": report["fwt"]["value"], "forgetting": report["forgetting"]}
+
     def first(self, method: str, setting: dict) -> tuple[str, dict]:
         """The first task's stage of `setting` (its name and record): later-task settings left out, so options share it."""
         first = {k: v for k, v in setting.items() if k not in LATER_KEYS}
         name = _name("first", method, first)
-        return name, self.stage(name, lambda store: self.sequence(store, method, first, self.order[:1], "dev"))
+        return name, self.stage(name, lambda store: self.recorded_sequence(store, method, first, self.order[:1], "dev"))
 
     def trial(self, option: str, seed: int) -> dict:
         method, setting = OPTIONS[option]
@@ -139,13 +164,6 @@ def trial_measures(trial: dict) -> dict:
         out["own_share"] = statistics.fmean(g["own_share"] for g in trial["gates"])
         out["dead_fraction"] = sum(g["dead_ranks"] for g in trial["gates"]) / sum(g["ranks"] for g in trial["gates"])
     return out
-
-
-def paired(a: list[float], b: list[float]) -> dict:
-    """Mean of the paired differences a - b, its standard error (None for one pair), and how often a was ahead."""
-    diffs = [x - y for x, y in zip(a, b)]
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-    return {"mean": statistics.fmean(diffs), "se": se, "ahead": sum(d > 0 for d in diffs), "pairs": len(diffs)}
 
 
 def summarise(per_seed: dict[str, dict[int, dict]]) -> dict:

@@ -194,8 +194,8 @@ def new_store(tmp_path: Path, tiny_model_dir: Path) -> Callable[[str], Path]:
 
 @pytest.fixture
 def tasks_dir(tmp_path, write_jsonl):
-    """Two tasks in the benchmark pack's layout: <task>/train.jsonl, test.jsonl, labels.json."""
-    for i, task in enumerate(("one", "two")):
+    """Three tasks in the benchmark pack's layout: <task>/train.jsonl, test.jsonl, labels.json."""
+    for i, task in enumerate(("one", "two", "three")):
         write_jsonl(tmp_path / "tasks" / task / "train.jsonl", tiny_task_rows(16, seed=30 + i))
         write_jsonl(tmp_path / "tasks" / task / "test.jsonl", tiny_task_rows(6, seed=40 + i))
         (tmp_path / "tasks" / task / "labels.json").write_text(json.dumps(list(LABELS)))

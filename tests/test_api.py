@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import moram_cli
 from moram_cli.cli import app
 from moram_cli.errors import MoramError
-from moram_cli.evaluation.scoring import generate, generate_batch
+from moram_cli.evaluation.scoring import generate_batch
 from moram_cli.models.memory import build_memory_model
 from moram_cli.store import MemoryStore
 from moram_cli.training.learn import learn_task
@@ -139,7 +139,7 @@ def test_generate_continues_chat_lines_after_the_chat_template(learned, tmp_path
 def test_generate_upto_zero_is_the_bare_base_model(learned, tiny_model_dir):
     result = moram_json("generate", learned, "--prompt", "the market price of a big bank", "--upto", "0", "--max-new-tokens", "8")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    expected, _ = generate(base, AutoTokenizer.from_pretrained(tiny_model_dir), "the market price of a big bank", 8, 512)
+    [(expected, _)] = generate_batch(base, AutoTokenizer.from_pretrained(tiny_model_dir), ["the market price of a big bank"], 8, 512)
     assert result["banks"] == [] and result["completions"][0]["completion"] == expected != ""
 
 

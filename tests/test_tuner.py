@@ -141,3 +141,44 @@ def test_set_frozen_rejects_wrong_shapes():
     layer = make_layer(frozen=0)
     with pytest.raises(ValueError, match="do not fit"):
         layer.set_frozen(torch.randn(4, 11), torch.randn(10, 4))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("delta", [0.0, 0.2])
+def test_the_sparse_value_mix_gives_the_dense_products_outputs_and_gradients(training, delta, monkeypatch):
+    from moram_cli.tuner import layer as layer_module
+
+    layer = make_layer(d_in=24, d_out=20, frozen=40, new=8, k=4, temperature=0.1, threshold=delta).double().train(training)
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    # The dense product `B (g ⊙ z)` over every rank, differentiated by autograd: what the gathered mix must equal.
+    A_new, B_new = (p.detach().clone().requires_grad_() for p in (layer.moram_A["default"], layer.moram_B["default"]))
+    A = torch.cat([layer.moram_A_frozen["default"], A_new])
+    B = torch.cat([layer.moram_B_frozen["default"], B_new], dim=1)
+    z = x @ A.T
+    dense = layer.base_layer(x) + (rank_gate(z, 4, 0.1, 0.0 if training else delta) * z) @ B.T
+    weights = torch.randn_like(dense)
+    expected = torch.autograd.grad((dense * weights).sum(), (x, A_new, B_new))
+    out = layer(x)
+    got = torch.autograd.grad((out * weights).sum(), (x, layer.moram_A["default"], layer.moram_B["default"]))
+    torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    # Without gradients either path may run, by the number of ranks: both give the dense output.
+    for sparse_from in (1, 10_000):
+        monkeypatch.setattr(layer_module, "SPARSE_MIN_RANKS", sparse_from)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), dense, rtol=1e-12, atol=1e-12)
+
+
+def test_a_member_mask_gates_each_row_as_if_only_its_ranks_existed():
+    z = torch.randn(4, 9, dtype=torch.float64)
+    groups = [torch.arange(0, 9), torch.tensor([2, 5, 6, 7]), torch.tensor([4]), torch.tensor([], dtype=torch.long)]
+    member = torch.zeros(4, 9, dtype=torch.bool)
+    for row, ranks in zip(member, groups):
+        row[ranks] = True
+    g = rank_gate(z, 3, 0.2, 0.1, member)
+    for row, ranks in enumerate(groups):
+        alone = torch.zeros(9, dtype=torch.float64)
+        if len(ranks):
+            alone[ranks] = rank_gate(z[row, ranks].unsqueeze(0), 3, 0.2, 0.1)[0]
+        torch.testing.assert_close(g[row], alone)

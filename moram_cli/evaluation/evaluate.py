@@ -11,12 +11,13 @@ from rich.progress import Progress
 from moram_cli.data.encode import check_context, split_example
 from moram_cli.data.jsonl import Example, one_line, read_examples
 from moram_cli.errors import MoramError
-from moram_cli.evaluation.scoring import choose, generate
+from moram_cli.evaluation.scoring import choose, generate_batch
 from moram_cli.models.memory import build_memory_model
 from moram_cli.store import MemoryStore
 
 SCORINGS = ("auto", "choice", "generate")
 MAX_LABELS = 50
+GENERATE_BATCH = 8
 LABELS_FILE = "labels.json"
 LABELS_FIX = 'make it a JSON list of every answer of the test file, e.g. ["World", "Sports"], or remove it'
 
@@ -68,17 +69,24 @@ def evaluate_examples(
         labels = sorted({split_example(ex, tokenizer)[1].strip() for ex in examples})
     used = "choice" if labels is not None else "generate"
     max_new = max(len(tokenizer(split_example(ex, tokenizer)[1]).input_ids) for ex in examples) + 4
+    pairs = [split_example(ex, tokenizer) for ex in examples]
     correct = cut = 0
     with Progress(transient=True, disable=not show_progress) as progress:
-        for ex in progress.track(examples, description=f"evaluating ({used})"):
-            prompt, gold = split_example(ex, tokenizer)
+        task = progress.add_task(f"evaluating ({used})", total=len(pairs))
+        # Generation decodes a batch at once (a greedy step costs about what a whole batch's costs); ranked choice
+        # already batches each example's candidates.
+        step = 1 if labels is not None else GENERATE_BATCH
+        for start in range(0, len(pairs), step):
+            batch = pairs[start:start + step]
             if labels is not None:
-                pick, was_cut = choose(model, tokenizer, prompt, labels, max_length)
-                answer = labels[pick]
+                pick, was_cut = choose(model, tokenizer, batch[0][0], labels, max_length)
+                answers = [(labels[pick], was_cut)]
             else:
-                answer, was_cut = generate(model, tokenizer, prompt, max_new, max_length)
-            correct += answer == gold.strip()
-            cut += was_cut
+                answers = generate_batch(model, tokenizer, [prompt for prompt, _ in batch], max_new, max_length)
+            for (answer, was_cut), (_, gold) in zip(answers, batch):
+                correct += answer == gold.strip()
+                cut += was_cut
+            progress.advance(task, len(batch))
     result = {"scoring": used, "accuracy": correct / len(examples), "correct": correct, "total": len(examples), "truncated_prompts": cut}
     return result | ({"labels": labels} if labels is not None else {})
 

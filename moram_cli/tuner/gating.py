@@ -5,24 +5,37 @@ from __future__ import annotations
 import torch
 
 
-def rank_gate(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0) -> torch.Tensor:
-    """Gate weights `g` for projections `z` (last dimension = ranks).
+def kept_ranks(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0,
+               member: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The non-zero part of the gate for projections `z` (last dimension = ranks): the indices of the kept ranks (None
+    when every rank is kept) and their weights.
 
     Each rank is scored by its share of the L2 norm of `z`, the `k_eff` best
     are kept and softmax-ed with `temperature`. A positive `threshold` then
     zeroes ranks whose normalised score is below it, without renormalising:
-    callers pass it at inference only.
+    callers pass it at inference only. `member` (boolean, broadcastable to
+    `z`) confines each row to some ranks, as routing does: the norm and the
+    choice run over them alone, exactly as if the others did not exist.
     """
     ranks = z.shape[-1]
-    s = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    inside = z if member is None else z * member
+    s = inside / inside.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    if member is not None:
+        s = s.masked_fill(~member, float("-inf"))
     k_eff = min(max(k, 2), ranks)
-    if k_eff < ranks:
-        kept = s.topk(k_eff, dim=-1).indices
-        # top-k indices carry no gradient; the kept scores do, through `s`.
-        s_masked = torch.full_like(s, float("-inf")).scatter(-1, kept, s.gather(-1, kept))
-    else:
-        s_masked = s
-    g = torch.softmax(s_masked / temperature, dim=-1)
+    # top-k indices carry no gradient; the kept scores do, through `s`.
+    indices = s.topk(k_eff, dim=-1).indices if k_eff < ranks else None
+    kept = s if indices is None else s.gather(-1, indices)
+    g = torch.softmax(kept / temperature, dim=-1)
+    if member is not None:
+        # A row whose group has fewer ranks than k here (or none: pruning can empty a bank's module) keeps only those.
+        g = torch.where(torch.isfinite(kept), g, 0.0)
     if threshold > 0:
-        g = g * (s >= threshold).to(g.dtype)
-    return g
+        g = g * (kept >= threshold).to(g.dtype)
+    return indices, g
+
+
+def rank_gate(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0, member: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate weights `g` for projections `z`, every rank's (zero where not kept): see `kept_ranks`."""
+    indices, g = kept_ranks(z, k, temperature, threshold, member)
+    return g if indices is None else torch.zeros_like(z).scatter(-1, indices, g)

@@ -11,7 +11,7 @@ from torch import nn
 
 from moram_cli.tuner.config import MoramConfig
 from moram_cli.tuner.layer import MoramLayer
-from moram_cli.tuner.routing import SourceRouter, TaskRouter
+from moram_cli.tuner.routing import SourceRouter, TaskRouter, group_table
 
 BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 # Module name -> its rank indices (into the stacked ranks) per routing group and per bank.
@@ -76,7 +76,8 @@ class MoramModel(BaseTuner):
         if getattr(self, "_routing_hook", None) is not None:
             self._routing_hook.remove()
         for name, layer in self.moram_layers().items():
-            layer.router, (layer.rank_groups, layer.rank_banks) = router, ranks[name]
+            groups, layer.rank_banks = ranks[name]
+            layer.router, layer.group_member = router, group_table(groups, sum(bank.numel() for bank in layer.rank_banks))
         self._routing_hook = router.attach(self.model)
 
     def add_task_ranks(self, r: int, seed: int, keys: dict[str, torch.Tensor] | None = None) -> list[nn.Parameter]:

@@ -31,16 +31,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moram_cli.tuner.gating import rank_gate
 
 
 class SourceRouter:
-    """Picks one rank group (a source's banks) per sequence; layers then gate within it (see `gate`).
+    """Picks one rank group (a source's banks) per sequence; layers then gate within it (see `member`).
 
     `members[g]` lists the banks of group g: a bank two sources share is in
-    both. Each layer passes its own rank-index tensors, per group and per
-    bank, into its stacked ranks. A forward call that continues a cached
-    sequence keeps the choice made on its prompt.
+    both. Each layer holds its own table of which of its stacked ranks each
+    group has, and its rank indices per bank. A forward call that continues a
+    cached sequence keeps the choice made on its prompt.
     """
 
     # Whether the first pass runs the bare base model and reads each adapted layer's input (`observe`) instead of
@@ -64,20 +63,14 @@ class SourceRouter:
         """Whether the gate routes now: at inference, unless switched off."""
         return self.enabled and not training
 
-    def gate(self, z: torch.Tensor, groups: tuple[torch.Tensor, ...], banks: tuple[torch.Tensor, ...], k: int, temperature: float,
-             threshold: float) -> torch.Tensor:
-        """The gate of `z` (batch first, ranks last): MoRAM's own while measuring, else within each sequence's group."""
-        if self.measuring:
-            self._add_scores(z, banks)
-            return rank_gate(z, k, temperature, threshold)
-        chosen = self.chosen.to(z.device).view(-1, *[1] * (z.dim() - 1))
-        g = torch.zeros_like(z)
-        for index, ranks in enumerate(groups):
-            inside = rank_gate(z.index_select(-1, ranks), k, temperature, threshold)
-            g.index_add_(-1, ranks, inside * (chosen == index).to(z.dtype))
-        return g
+    def member(self, group_member: torch.Tensor, dims: int) -> torch.Tensor:
+        """Which of a layer's ranks (`group_member`: groups × ranks) each sequence's chosen group holds, shaped to
+        broadcast over projections of `dims` dimensions (batch first, ranks last)."""
+        rows = group_member.index_select(0, self.chosen.to(group_member.device))
+        return rows.view(rows.shape[0], *[1] * (dims - 2), rows.shape[1])
 
-    def _add_scores(self, z: torch.Tensor, banks: tuple[torch.Tensor, ...]) -> None:
+    def add_scores(self, z: torch.Tensor, banks: tuple[torch.Tensor, ...]) -> None:
+        """The measuring pass: add each bank's best normalised expert score, averaged over the sequence's tokens."""
         mask = self._mask.to(z.dtype)
         for index, ranks in enumerate(banks):
             if ranks.numel() == 0:  # pruning may leave a bank without ranks in a module
@@ -128,3 +121,11 @@ class TaskRouter(SourceRouter):
         mask = self._mask.to(x.dtype).unsqueeze(-1)
         mean = (x * mask).sum(1) / mask.sum(1).clamp_min(1)
         self._scores -= torch.cdist(mean.float(), prototypes.to(device=x.device, dtype=torch.float32)).square()
+
+
+def group_table(groups: tuple[torch.Tensor, ...], ranks: int) -> torch.Tensor:
+    """groups × ranks: whether each rank of a layer belongs to each group, built once when the store is routed."""
+    table = torch.zeros(len(groups), ranks, dtype=torch.bool)
+    for row, indices in zip(table, groups):
+        row[indices] = True
+    return table
