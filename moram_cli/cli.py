@@ -82,10 +82,13 @@ def _quiet_libraries() -> None:
     """Library chatter (progress bars, accelerator notices) would bury moram's own output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
+    # transformers reads these when first imported, which only commands that build a model do: importing it here to
+    # quieten it cost the others seconds. One imported already (app() called from Python) is told directly.
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def emit(result: dict, as_json: bool, table) -> None:

@@ -91,7 +91,7 @@ def test_by_default_a_sequence_scores_the_diagonal_and_the_final_row_and_on_requ
 
 
 def test_generated_answers_count_when_they_match_the_answer_once_trimmed(monkeypatch):
-    from moram_cli.evaluation import evaluate
+    from moram_cli.evaluation import evaluate, scoring
 
     examples = [Example(i + 1, prompt=f"q{i}", completion=" yes", source="t.jsonl") for i in range(11)]
     replies = iter(["yes", " yes\n", "Yes", "yes.", "no", "yes", "yes yes", "", "yes", "yes ", "ye"])
@@ -101,7 +101,7 @@ def test_generated_answers_count_when_they_match_the_answer_once_trimmed(monkeyp
         batches.append(len(prompts))
         return [(next(replies).strip(), False) for _ in prompts]
 
-    monkeypatch.setattr(evaluate, "generate_batch", fake_generate_batch)
+    monkeypatch.setattr(scoring, "generate_batch", fake_generate_batch)
     monkeypatch.setattr(evaluate, "check_context", lambda tokenizer, max_length: None)
     monkeypatch.setattr(evaluate, "split_example", lambda ex, tokenizer: (ex.prompt, ex.completion))
     tokenizer = lambda text: SimpleNamespace(input_ids=text.split())  # noqa: E731

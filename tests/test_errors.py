@@ -206,13 +206,13 @@ def test_learn_task_on_a_read_only_store(store, tiny_task, read_only):
 
 
 def test_a_full_disk_while_the_bank_is_written(store, tiny_task, monkeypatch):
-    import moram_cli.store.bank as bank_module
+    import safetensors.torch
 
     def disk_full(*args, **kwargs):
         # What safetensors really raises: its own error type, not an OSError.
         raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
 
-    monkeypatch.setattr(bank_module, "save_file", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)  # write_bank imports it when it writes
     message = fails_cleanly(["learn-task", store, "--data", tiny_task.train, "--epochs", "0.2", "--json"], store, "cannot write the new bank")
     assert "No space left on device" in message and message.endswith("the store is unchanged")
 

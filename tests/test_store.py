@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
 
 from conftest import snapshot
 from moram_cli.errors import MoramError
 from moram_cli.models.reference import BaseModelRef
 from moram_cli.store import MemoryStore, StoreConfig
-from moram_cli.store import bank as bank_module
 from moram_cli.store.bank import check_task_name, stack_banks
 
 
@@ -49,7 +49,8 @@ def test_a_failed_bank_write_leaves_the_store_as_it_was(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bank_module, "save_file", disk_full)
+    # write_bank imports the writer when it writes (torch stays unloaded until a bank meets a model).
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(MoramError, match="No space left on device.*unchanged"):
         store.add_bank("beta", tensors(1), {})
     assert snapshot(store.path) == before

@@ -159,6 +159,14 @@ def test_values_that_are_not_finite(store):
     assert "model.layers.1.self_attn.k_proj holds values that are not finite numbers" in failure(moram("verify", store))
 
 
+def test_weights_in_a_dtype_numpy_lacks_are_read_through_torch(store):
+    """verify reads weights with numpy, which has no bfloat16: such a bank is as sound as before; integer values are not."""
+    rewrite_weights(store / "banks" / "002-two", flat({m: (A.bfloat16(), B.bfloat16()) for m, (A, B) in random_bank(2, 1).items()}))
+    assert verify_json(store)["ok"]
+    rewrite_weights(store / "banks" / "001-one", flat({m: (A, B.int()) for m, (A, B) in random_bank(2, 0).items()}))
+    assert "holds values that are not finite numbers" in failure(moram("verify", store))
+
+
 def test_leftovers_and_a_lock_are_warnings(store):
     (store / ".staging" / "bank-0123").mkdir()
     with store_lock(store, "moram learn-task"):

@@ -16,7 +16,6 @@ from moram_cli import __version__
 from moram_cli.data.jsonl import Example, read_examples
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.cl_metrics import average_accuracy, backward_transfer, forgetting, forward_transfer
-from moram_cli.evaluation.evaluate import evaluate_examples
 from moram_cli.models.fingerprint import sha256_file
 from moram_cli.store import Bank, MemoryStore
 
@@ -33,6 +32,9 @@ def measure_before_learning(
     """
     if examples is None:
         return None
+    # Scoring is imported where a model is at hand: `eval --suite cl` imports this module and reads records only.
+    from moram_cli.evaluation.evaluate import evaluate_examples
+
     before = evaluate_examples(model, tokenizer, examples, eval_data, max_length=max_length)["accuracy"]
     if not store.banks():
         return {"before": before, "zero_shot": before}
@@ -69,6 +71,8 @@ def _rescore(bank: Bank, test: dict, model, tokenizer, max_length: int) -> tuple
         message = f"{bank.path}: test set {path} {problem}; its cell in this row of the accuracy matrix is null (restore the file to measure it)"
         print(f"warning: {message}", file=sys.stderr)
         return None, message
+    from moram_cli.evaluation.evaluate import evaluate_examples  # as in measure_before_learning
+
     result = evaluate_examples(model, tokenizer, read_examples(path, allow_text=False), path, test["scoring"], max_length)
     return result["accuracy"], None
 

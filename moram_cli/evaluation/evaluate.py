@@ -11,8 +11,6 @@ from rich.progress import Progress
 from moram_cli.data.encode import check_context, split_example
 from moram_cli.data.jsonl import Example, one_line, read_examples
 from moram_cli.errors import MoramError
-from moram_cli.evaluation.scoring import choose, generate_batch
-from moram_cli.models.memory import build_memory_model
 from moram_cli.store import MemoryStore
 
 SCORINGS = ("auto", "choice", "generate")
@@ -63,6 +61,8 @@ def evaluate_examples(
     model, tokenizer, examples: list[Example], data: Path, scoring: str = "auto", max_length: int = 512, show_progress: bool = False
 ) -> dict:
     """Accuracy of `model` on `examples`: ranked choice over the label set, or exact match of greedy generation."""
+    from moram_cli.evaluation.scoring import choose, generate_batch  # torch: imported once a model is built (see evaluate_store)
+
     check_context(tokenizer, max_length)
     labels = label_set(examples, data, tokenizer) if scoring != "generate" else None
     if scoring == "choice" and labels is None:
@@ -108,6 +108,9 @@ def evaluate_store(
     store = MemoryStore.open(store_path)
     examples = read_examples(data, allow_text=False)
     upto = 0 if base_only else upto
+    # Imported only now, so a wrong flag, store or data file fails without waiting seconds for torch to load.
+    from moram_cli.models.memory import build_memory_model
+
     model, tokenizer = build_memory_model(store, upto, trust_remote_code)
     banks = store.banks()[:upto]
     result = evaluate_examples(model, tokenizer, examples, data, scoring, max_length or store.config.training.max_length, show_progress)

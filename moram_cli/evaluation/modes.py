@@ -6,8 +6,6 @@ from pathlib import Path
 
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.continual import continual_report
-from moram_cli.evaluation.evaluate import evaluate_store
-from moram_cli.evaluation.harness import evaluate_suite
 
 CL_SUITE = "cl"
 
@@ -38,9 +36,14 @@ def run_eval(
         if base_only:
             raise MoramError("--base-only does not apply to --suite cl: the zero-shot row of the matrix is the base model")
         return continual_report(store, upto)
+    # The modes that run a model are imported when chosen: `--suite cl` only reads the banks' records and starts at once.
     if data is not None:
+        from moram_cli.evaluation.evaluate import evaluate_store
+
         return evaluate_store(store, data, upto=upto, base_only=base_only, scoring=scoring, max_length=max_length,
                               show_progress=show_progress, trust_remote_code=trust_remote_code)
+    from moram_cli.evaluation.harness import evaluate_suite
+
     return evaluate_suite(store, suite, suite_path, upto=upto, base_only=base_only, batch_size=batch_size, limit=limit,
                           max_length=max_length, trust_remote_code=trust_remote_code)
 

@@ -8,11 +8,8 @@ from pathlib import Path
 
 from moram_cli.data.jsonl import Example, read_examples
 from moram_cli.errors import MoramError
-from moram_cli.inspection.gates import check_gated, collect_gates
 from moram_cli.inspection.plot import check_plot_target, plot_usage
 from moram_cli.inspection.ranks import DEAD_VALUE_NORM, rank_stats
-from moram_cli.inspection.usage import module_usage
-from moram_cli.models.memory import build_memory_model
 from moram_cli.store import MemoryStore
 
 
@@ -54,6 +51,11 @@ def gate_usage(
     trust_remote_code: bool = False,
 ) -> dict:
     """Run the store's model over `examples` and report, per module `keep` accepts, how its gate spread over the ranks."""
+    # Imported here, where the model is built: without --data, inspect-ranks never loads torch.
+    from moram_cli.inspection.gates import check_gated, collect_gates
+    from moram_cli.inspection.usage import module_usage
+    from moram_cli.models.memory import build_memory_model
+
     if not banks:
         raise MoramError(f"{store.path}: the store has no banks, so there are no gates to inspect; learn a task first")
     check_gated(store)

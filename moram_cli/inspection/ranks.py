@@ -1,11 +1,14 @@
-"""What a store's banks hold, read from the weights alone: ranks, parameters, key and value norms."""
+"""What a store's banks hold, read from the weights alone: ranks, parameters, key and value norms.
+
+numpy does the arithmetic: with no model to run, `inspect-ranks` without --data never imports torch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from moram_cli.store import Bank, MemoryStore
 
@@ -14,28 +17,28 @@ from moram_cli.store import Bank, MemoryStore
 DEAD_VALUE_NORM = 1e-6
 
 
-def norm_summary(norms: torch.Tensor) -> dict:
-    if norms.numel() == 0:
+def norm_summary(norms: np.ndarray) -> dict:
+    if norms.size == 0:
         return {"min": 0.0, "mean": 0.0, "max": 0.0}
     return {"min": norms.min().item(), "mean": norms.mean().item(), "max": norms.max().item()}
 
 
-def module_summary(key_norms: torch.Tensor, value_norms: torch.Tensor, parameters: int) -> dict:
+def module_summary(key_norms: np.ndarray, value_norms: np.ndarray, parameters: int) -> dict:
     """Ranks, parameters, norm summaries and dead ranks (by their index) of some ranks."""
-    dead = (value_norms <= DEAD_VALUE_NORM).nonzero().flatten().tolist()
-    return {"ranks": key_norms.numel(), "parameters": parameters, "key_norm": norm_summary(key_norms),
+    dead = np.flatnonzero(value_norms <= DEAD_VALUE_NORM).tolist()
+    return {"ranks": key_norms.size, "parameters": parameters, "key_norm": norm_summary(key_norms),
             "value_norm": norm_summary(value_norms), "dead_ranks": dead}
 
 
 def bank_stats(bank: Bank, keep: Callable[[str], bool]) -> dict:
     """One bank, per module that `keep` accepts and over all of them."""
     norms, modules = {}, {}
-    for module, (A, B) in bank.tensors().items():
+    for module, (A, B) in bank.arrays().items():
         if keep(module):
-            norms[module] = (A.norm(dim=1), B.norm(dim=0))
-            modules[module] = module_summary(*norms[module], A.numel() + B.numel())
-    keys = torch.cat([k for k, _ in norms.values()]) if norms else torch.zeros(0)
-    values = torch.cat([v for _, v in norms.values()]) if norms else torch.zeros(0)
+            norms[module] = (np.linalg.norm(A, axis=1), np.linalg.norm(B, axis=0))
+            modules[module] = module_summary(*norms[module], A.size + B.size)
+    keys = np.concatenate([k for k, _ in norms.values()]) if norms else np.zeros(0)
+    values = np.concatenate([v for _, v in norms.values()]) if norms else np.zeros(0)
     whole = module_summary(keys, values, sum(m["parameters"] for m in modules.values()))
     whole["dead_ranks"] = len(whole["dead_ranks"])
     return {"bank": bank.path.name, "task": bank.name, **whole, "modules": modules}

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from moram_cli.errors import MoramError
 from moram_cli.models.cache import cache_dir
 from moram_cli.models.reference import BaseModelRef, current_fingerprint, embedded_gguf_path, loader_failure
+from moram_cli.store.config import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def load_base_model(
@@ -31,7 +32,7 @@ def load_base_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            source, revision=revision, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except Exception as exc:  # every loader failure gets the same one-line advice
         raise MoramError(f"cannot load base model {ref.source}: {loader_failure(exc)}; check the model files or re-create the store") from None

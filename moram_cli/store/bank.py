@@ -7,13 +7,12 @@ import errno
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
@@ -28,7 +27,16 @@ MISSING_GROUPS = "bank.yaml lacks the routing_groups a source-routed store needs
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DIR_PATTERN = re.compile(r"[0-9]{3,}-" + NAME_PATTERN.pattern)
 
-BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+# torch loads only where a bank meets a model: `verify`, `inspect-ranks` and `eval --suite cl` read banks through numpy or
+# not at all, and start in a fraction of the seconds torch takes to import.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+BankTensors = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
+BankArrays = dict[str, tuple["np.ndarray", "np.ndarray"]]
+# The safetensors dtypes numpy holds; it lacks bfloat16 and the float8 formats (moram writes its banks in float32).
+NUMPY_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"})
 # Entries `<module>.prototype` beside a bank's keys and values: the mean input of its task's tokens to that module on
 # the bare base model, by which a task-routed store recognises the task's inputs (moram_cli.tuner.routing).
 PROTOTYPE = "prototype"
@@ -74,24 +82,46 @@ class Bank:
         return recorded
 
     def tensors(self, verify: bool = True) -> BankTensors:
-        """Module name -> (A, B), checked against the recorded weights hash."""
-        weights = self.path / WEIGHTS_FILE
+        """Module name -> (A, B) as torch tensors, checked against the recorded weights hash."""
         if verify:
             self.verified_hash()
-        with self._reading():
-            flat = load_file(weights)
+        return unflatten(self._entries("pt"), self.path)
+
+    def arrays(self, verify: bool = True) -> BankArrays:
+        """`tensors()` as numpy arrays, for the commands that read banks without a model (verify, inspect-ranks).
+
+        An entry in a dtype numpy lacks is read through torch and widened to float32.
+        """
+        if verify:
+            self.verified_hash()
+        foreign = {key for key, (dtype, _) in self._header().items() if dtype not in NUMPY_DTYPES}
+        flat = self._entries("numpy", lambda key: key not in foreign)
+        if foreign:
+            flat |= {key: tensor.float().numpy() for key, tensor in self._entries("pt", foreign.__contains__).items()}
         return unflatten(flat, self.path)
 
     def prototypes(self) -> dict[str, torch.Tensor]:
         """Module name -> this bank's task prototype there; empty when none was recorded."""
-        with self._reading(), safe_open(self.path / WEIGHTS_FILE, "pt") as weights:
-            return {key.rsplit(".", 1)[0]: weights.get_tensor(key) for key in weights.keys() if key.endswith(f".{PROTOTYPE}")}
+        return {key.rsplit(".", 1)[0]: tensor for key, tensor in self._entries("pt", is_prototype).items()}
+
+    def has_prototypes(self) -> bool:
+        """Whether the bank recorded task prototypes, read from the safetensors header alone."""
+        return any(map(is_prototype, self._header()))
 
     def shapes(self) -> dict[str, tuple[list[int], list[int]]]:
         """Module name -> (shape of A, shape of B), read from the safetensors header alone."""
-        with self._reading(), safe_open(self.path / WEIGHTS_FILE, "pt") as weights:
-            flat = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
-        return unflatten(flat, self.path)
+        return unflatten({key: shape for key, (_, shape) in self._header().items()}, self.path)
+
+    def _entries(self, framework: str, keep: Callable[[str], bool] = lambda key: True) -> dict:
+        """The weights file's entries whose keys `keep` accepts, as `framework` ("pt" or "numpy") tensors."""
+        with self._reading(), safe_open(self.path / WEIGHTS_FILE, framework) as weights:
+            return {key: weights.get_tensor(key) for key in weights.keys() if keep(key)}
+
+    def _header(self) -> dict[str, tuple[str, list[int]]]:
+        """Key -> (dtype, shape) of every entry of the weights file, from its header; numpy, not torch, opens it."""
+        with self._reading(), safe_open(self.path / WEIGHTS_FILE, "numpy") as weights:
+            entries = {key: weights.get_slice(key) for key in weights.keys()}
+            return {key: (entry.get_dtype(), entry.get_shape()) for key, entry in entries.items()}
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
@@ -100,6 +130,10 @@ class Bank:
             yield
         except (SafetensorError, OSError) as exc:
             raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
+
+
+def is_prototype(key: str) -> bool:
+    return key.endswith(f".{PROTOTYPE}")
 
 
 def routing_groups(metadata: dict) -> list[int] | None:
@@ -111,6 +145,8 @@ def routing_groups(metadata: dict) -> list[int] | None:
 
 def stack_banks(per_bank: list[BankTensors]) -> BankTensors:
     """Module name -> (A, B) of several banks stacked along the rank axis, oldest first."""
+    import torch  # banks are stacked to build a model, which loaded torch already
+
     if not per_bank:
         return {}
     return {
@@ -141,6 +177,8 @@ def unflatten(flat: dict, where: Path) -> dict:
 
 def write_bank(directory: Path, tensors: BankTensors, metadata: dict, prototypes: dict[str, torch.Tensor] | None = None) -> None:
     """Write a bank's files into `directory` (a staging directory: the store renames it into place)."""
+    from safetensors.torch import save_file  # the tensors come from a model, which loaded torch already
+
     directory.mkdir(parents=True)
     weights = directory / WEIGHTS_FILE
     try:

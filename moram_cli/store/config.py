@@ -21,6 +21,8 @@ ROUTINGS = ("token", "task", "source")
 # How a later task's new keys start: at random as the method is written, from the task's own inputs, or copied from
 # the previous bank (moram_cli.training.key_init).
 KEY_INITS = ("kaiming", "data", "warm")
+# The base model's dtype, by its torch name (moram_cli.models.loading).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass

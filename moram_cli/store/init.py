@@ -8,9 +8,8 @@ from pathlib import Path
 
 from moram_cli import __version__
 from moram_cli.errors import MoramError
-from moram_cli.models.loading import DTYPES
 from moram_cli.models.reference import resolve_base_model
-from moram_cli.store.config import KEY_INITS, METHODS, AdapterSettings, StoreConfig, TrainingSettings, _settings
+from moram_cli.store.config import DTYPES, KEY_INITS, METHODS, AdapterSettings, StoreConfig, TrainingSettings, _settings
 from moram_cli.store.store import MemoryStore
 from moram_cli.store.yamlio import read_yaml
 

@@ -1,15 +1,18 @@
-"""`verify_store`: check every file of a store without loading a model."""
+"""`verify_store`: check every file of a store without loading a model.
+
+numpy reads the weights, so `moram verify` never waits seconds for torch to import.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
-from moram_cli.store.bank import META_FILE, MISSING_GROUPS, MISSING_PROTOTYPES, Bank, BankTensors, is_bank_dir, routing_groups
+from moram_cli.store.bank import META_FILE, MISSING_GROUPS, MISSING_PROTOTYPES, Bank, BankArrays, is_bank_dir, routing_groups
 from moram_cli.store.lock import lock_message
 from moram_cli.store.store import BANKS_DIR, RESUME_PREFIX, STAGING_DIR, MemoryStore
 
@@ -68,12 +71,12 @@ def _check_bank(bank: Bank, position: int, routing: str) -> BankReport:
     metadata = _check_metadata(bank, report, routing == "source")
     try:
         # Without a recorded hash there is nothing to compare; the metadata check has said so already.
-        tensors = bank.tensors(verify=metadata is not None and "weights_sha256" in metadata)
+        arrays = bank.arrays(verify=metadata is not None and "weights_sha256" in metadata)
     except MoramError as err:
         report.problems.append(str(err))
         return report
-    _check_tensors(bank, tensors, report)
-    if routing == "task" and not bank.prototypes():
+    _check_arrays(bank, arrays, report)
+    if routing == "task" and not bank.has_prototypes():
         report.problems.append(f"{bank.path}: {MISSING_PROTOTYPES}")
     return report
 
@@ -97,17 +100,21 @@ def _check_metadata(bank: Bank, report: BankReport, routed: bool) -> dict | None
     return metadata
 
 
-def _check_tensors(bank: Bank, tensors: BankTensors, report: BankReport) -> None:
+def _check_arrays(bank: Bank, arrays: BankArrays, report: BankReport) -> None:
     """A(r, d_in) and B(d_out, r) per module, finite floats; r may differ between modules (pruning) and be 0."""
     problems = len(report.problems)
-    for module, (A, B) in tensors.items():
+    for module, (A, B) in arrays.items():
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
             report.problems.append(f"{bank.path}: {module} has shapes A{tuple(A.shape)} B{tuple(B.shape)}, not A(r, d_in) B(d_out, r); {RESTORE}")
-        elif not (A.is_floating_point() and B.is_floating_point() and torch.isfinite(A).all() and torch.isfinite(B).all()):
+        elif not (_floating(A) and _floating(B) and np.isfinite(A).all() and np.isfinite(B).all()):
             report.problems.append(f"{bank.path}: {module} holds values that are not finite numbers; {RESTORE}, or remove it and learn the task again")
     if len(report.problems) == problems:
-        report.dims = {module: (A.shape[1], B.shape[0]) for module, (A, B) in tensors.items()}
-        report.experts = sum(A.shape[0] for A, _ in tensors.values())
+        report.dims = {module: (A.shape[1], B.shape[0]) for module, (A, B) in arrays.items()}
+        report.experts = sum(A.shape[0] for A, _ in arrays.values())
+
+
+def _floating(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating)
 
 
 def _check_alike(reports: list[BankReport]) -> None:
