@@ -37,5 +37,9 @@ def kept_ranks(z: torch.Tensor, k: int, temperature: float, threshold: float = 0
 
 def rank_gate(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0, member: torch.Tensor | None = None) -> torch.Tensor:
     """Gate weights `g` for projections `z`, every rank's (zero where not kept): see `kept_ranks`."""
-    indices, g = kept_ranks(z, k, temperature, threshold, member)
-    return g if indices is None else torch.zeros_like(z).scatter(-1, indices, g)
+    return spread(z, *kept_ranks(z, k, temperature, threshold, member))
+
+
+def spread(z: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    """`values` of the kept ranks (`indices`, None for all) at their places among all of `z`'s ranks, zero elsewhere."""
+    return values if indices is None else torch.zeros_like(z).scatter(-1, indices, values)

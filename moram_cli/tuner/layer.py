@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moram_cli.tuner.config import MoramConfig
-from moram_cli.tuner.gating import kept_ranks
+from moram_cli.tuner.gating import kept_ranks, spread
 from moram_cli.tuner.keys import kaiming_keys
 from moram_cli.tuner.routing import SourceRouter
 
@@ -109,8 +109,7 @@ class MoramLayer(nn.Module, BaseTunerLayer):
             return result.add_(F.linear(z, B).to(result.dtype))
         indices, g = self._gate(z)
         if indices is None or (B.shape[1] < SPARSE_MIN_RANKS and not torch.is_grad_enabled()):
-            dense = g * z if indices is None else torch.zeros_like(z).scatter(-1, indices, g * z.gather(-1, indices))
-            return result.add_(F.linear(dense, B).to(result.dtype))
+            return result.add_(F.linear(spread(z, indices, g) * z, B).to(result.dtype))
         return result.add_(mix_values(B, indices, g * z.gather(-1, indices)).to(result.dtype))
 
     def _ranks(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -132,7 +131,7 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         indices, g = kept_ranks(z, self.config.k, self.config.temperature, threshold, member)
         # The router's measuring pass is not an answer; only the gates that shape the output are observed.
         if self.gate_observer is not None and not (router is not None and router.measuring):
-            self.gate_observer(g if indices is None else torch.zeros_like(z).scatter(-1, indices, g))
+            self.gate_observer(spread(z, indices, g))
         return indices, g
 
     def __repr__(self) -> str:
