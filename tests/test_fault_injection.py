@@ -60,7 +60,8 @@ PAUSES = {
     "checkpoint 2: tensors written, state.yaml not": ("moram_cli.training.checkpoint", "write_yaml", "before", 2, None),
     "checkpoint 3: complete, before its rename": ("os", "replace", "before", 3, _dst_name_starts("step-")),
     "checkpoint 4: renamed, the one before not yet removed": ("shutil", "rmtree", "before", 3, _path_name_starts("step-")),
-    "bank: before its weights are written": ("moram_cli.store.bank", "save_file", "before", 1, None),
+    # The bank imports save_file when it writes, so the pause replaces it where that import reads it.
+    "bank: before its weights are written": ("safetensors.torch", "save_file", "before", 1, None),
     "bank: weights written, bank.yaml not": ("moram_cli.store.bank", "write_yaml", "before", 1, None),
     "bank: complete in staging, before its rename": ("os", "replace", "before", 1, _dst_name_starts("002-")),
     "bank renamed into place, resume data not yet removed": ("shutil", "rmtree", "before", 1, _path_name_starts("resume-")),
