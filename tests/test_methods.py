@@ -39,23 +39,26 @@ def test_every_method_learns_the_same_number_of_parameters(method_store, tiny_ta
     assert config["method"] == method and config["adapter"]["lora_alpha"] == (4.0 if method == "lora" else None)
 
 
-def test_inclora_adds_every_bank_at_full_weight_and_trains_only_the_new_ranks(method_store):
+def test_inclora_adds_every_bank_at_full_weight_folded_into_the_base_and_trains_only_the_new_ranks(method_store):
     store = MemoryStore.open(method_store("inclora"))
     banks = [random_bank(4, 1), random_bank(4, 2)]
     for name, tensors in zip(("one", "two"), banks):
         store.add_bank(name, tensors, {})
+    bare = build_memory_model(store, upto=0)[0].moram_layers()[Q0].base_layer
     model, _ = build_memory_model(store)
     layer = model.moram_layers()[Q0]
     x = torch.randn(3, 32)
-    expected = layer.base_layer(x) + sum(x @ A.T @ B.T for A, B in (bank[Q0] for bank in banks))
+    expected = bare(x) + sum(x @ A.T @ B.T for A, B in (bank[Q0] for bank in banks))
     torch.testing.assert_close(layer(x), expected)
-    frozen = layer.moram_A_frozen["default"].clone()
+    # the frozen ranks live in the base weight now: inference pays for no rank
+    assert "default" not in layer.moram_A_frozen
+    folded = layer.base_layer.weight.clone()
     params = model.add_task_ranks(4, seed=0)
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}
     ids = torch.randint(0, 300, (2, 6))
     model(input_ids=ids, labels=ids).loss.backward()
     torch.optim.AdamW(params, lr=1e-2).step()
-    assert torch.equal(layer.moram_A_frozen["default"], frozen) and layer.moram_B["default"].abs().sum() > 0
+    assert torch.equal(layer.base_layer.weight, folded) and layer.moram_B["default"].abs().sum() > 0
 
 
 def test_a_lora_bank_holds_the_whole_adapter_after_its_task(method_store, tiny_task):

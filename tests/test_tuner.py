@@ -182,3 +182,14 @@ def test_a_member_mask_gates_each_row_as_if_only_its_ranks_existed():
         if len(ranks):
             alone[ranks] = rank_gate(z[row, ranks].unsqueeze(0), 3, 0.2, 0.1)[0]
         torch.testing.assert_close(g[row], alone)
+
+
+def test_folding_frozen_ranks_into_the_weight_is_exact_for_an_ungated_layer_only():
+    x = torch.randn(5, 12, dtype=torch.float64)
+    layer = make_layer(new=0, gate="none").double()
+    before = layer(x)
+    layer.fold_frozen()
+    assert layer.frozen_ranks == 0
+    torch.testing.assert_close(layer(x), before)
+    with pytest.raises(ValueError, match="ungated"):
+        make_layer(new=0).fold_frozen()

@@ -49,6 +49,9 @@ def build_memory_model(
     if per_bank:
         # A lora bank is the whole adapter after its task, so the newest one wanted supersedes the others.
         model.set_memory(per_bank[-1] if store.config.method == "lora" else stack_banks(per_bank))
+    if per_bank and store.config.method == "inclora":
+        # Ungated frozen ranks always add their whole B A x: folded into the base weight, they cost nothing per token.
+        model.fold_frozen()
     if per_bank and store.config.adapter.routing == "source":
         members = group_members(bank_groups(banks[:upto]))
         if len(members) > 1:

@@ -83,6 +83,19 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         self.moram_A_frozen[name] = A.detach().to(device=device, dtype=torch.float32)
         self.moram_B_frozen[name] = B.detach().to(device=device, dtype=torch.float32)
 
+    def fold_frozen(self) -> None:
+        """Add the frozen ranks' `B A` into the base weight and drop them: exact for an ungated layer (IncLoRA),
+        whose frozen ranks always add their full product, and the layer then costs what the bare one does."""
+        if self.config.gate != "none":
+            raise ValueError("only an ungated layer's ranks can be folded into its weight: a gate depends on the input")
+        name = self.active_adapters[0]
+        if name not in self.moram_A_frozen:
+            return
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            weight += (self.moram_B_frozen[name] @ self.moram_A_frozen[name]).to(weight.dtype)
+        del self.moram_A_frozen[name], self.moram_B_frozen[name]
+
     def add_ranks(self, r: int, generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> None:
         """Append `r` trainable experts, values zero (output unchanged): their keys are `keys` (at most `r` rows),
         the rest drawn like `nn.Linear` weights from `generator`."""

@@ -46,6 +46,11 @@ class MoramModel(BaseTuner):
         for name, (A, B) in stacked.items():
             layers[name].set_frozen(A, B)
 
+    def fold_frozen(self) -> None:
+        """Fold every layer's frozen ranks into its base weight (ungated layers only: see `MoramLayer.fold_frozen`)."""
+        for layer in self.moram_layers().values():
+            layer.fold_frozen()
+
     def route_by_source(self, members: list[list[int]], ranks: RankIndices) -> None:
         """Answer each sequence with one group of banks (a source store's): `members[g]` lists group g's banks,
         `ranks` maps each module to its rank indices per group and per bank."""
