@@ -126,6 +126,9 @@ class Models:
         """`banks` random banks; MoRAM's routed by task (random prototypes) too, a routing `unrouted()` switches off."""
         layers = model.moram_layers()
         model.set_memory(random_bank(layers, self.r * banks, self.generator))
+        if model is self.inclora:
+            # As `build_memory_model` does. Each call folds more random ranks into the same weights, which speed ignores.
+            model.fold_frozen()
         if model is self.moram:
             prototypes = [{name: torch.randn(layer.in_features, generator=self.generator) for name, layer in layers.items()}
                           for _ in range(banks)]

@@ -271,3 +271,22 @@ def test_the_speed_benchmark_measures_every_figure_it_reports(tmp_path, tasks_di
     assert result["layer"]["forward_vs_lora"] > 0 and set(result["train_step"]["vs_lora"]) == {"moram"}
     assert result["eval"]["examples"] == 3 and set(result["eval"]["vs_bare_forward"]) == {"choice", "generate"}
     assert "model inference, 3 bank(s)" in (tmp_path / "speed.md").read_text()
+
+
+@pytest.mark.slow  # two fresh interpreters run `moram eval`
+def test_eval_before_after_runs_both_versions_in_turn_and_reports_their_accuracy(tmp_path, tasks_dir, tiny_model_dir, monkeypatch):
+    from test_cli import ok_json
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("eval_before_after", SCRIPT.parent / "eval_before_after.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    store = tmp_path / "store"
+    ok_json("init", store, "--base-model", tiny_model_dir)
+    data = tasks_dir / "one" / "test.jsonl"
+    argv = ["--store", str(store), "--data", str(data), "--before", "HEAD", "--scorings", "choice", "--rounds", "1",
+            "--results-dir", str(tmp_path), "--quiet"]
+    assert script.main(argv) == 0
+    result = json.loads((tmp_path / "eval-before-after.json").read_text())["scorings"]["choice"]
+    assert [len(v) for v in result["seconds"].values()] == [1, 1] and result["speed_up"] > 0
+    assert result["accuracy"]["before"] == result["accuracy"]["after"]
