@@ -9,12 +9,15 @@ from torch import nn
 from moram_cli.tuner import MoramConfig, MoramLayer, rank_gate
 
 
-def reference_output(x, W, A, B, k, tau, delta, training):
-    """Steps 1-6 of the method, written out per token with plain loops over ranks."""
-    out = torch.empty(x.shape[0], B.shape[0])
+def reference_output(x, W, A, B, k, tau, delta, training, banks=None):
+    """Steps 1-6 of the method, written out per token with plain loops over ranks; with `banks` (lists of rank
+    indices), step 2 normalises each rank within its bank."""
+    out = torch.empty(x.shape[0], B.shape[0], dtype=x.dtype)
     for n, token in enumerate(x):
         z = A @ token
         s = z / max(z.norm().item(), 1e-8)
+        for bank in banks or []:
+            s[bank] = z[bank] / max(z[bank].norm().item(), 1e-8)
         k_eff = min(max(k, 2), A.shape[0])
         keep = sorted(range(len(s)), key=lambda i: -s[i].item())[:k_eff]
         logits = torch.full_like(s, -math.inf)
@@ -26,11 +29,11 @@ def reference_output(x, W, A, B, k, tau, delta, training):
     return out
 
 
-def make_layer(d_in=12, d_out=10, frozen=6, new=4, **cfg):
+def make_layer(d_in=12, d_out=10, frozen=6, new=4, sizes=None, **cfg):
     torch.manual_seed(0)
     layer = MoramLayer(nn.Linear(d_in, d_out, bias=False), "default", MoramConfig(**cfg))
     if frozen:
-        layer.set_frozen(torch.randn(frozen, d_in), torch.randn(d_out, frozen))
+        layer.set_frozen(torch.randn(frozen, d_in), torch.randn(d_out, frozen), sizes)
     if new:
         layer.add_ranks(new, torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -53,6 +56,20 @@ def test_layer_matches_reference(k, tau, delta, training):
     A, B = stacked(layer)
     expected = reference_output(x, layer.base_layer.weight.detach(), A, B, k, tau, delta, training)
     torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bank_norm_scores_each_rank_within_its_own_bank(training):
+    layer = make_layer(frozen=6, sizes=[2, 4], new=4, k=3, temperature=0.1, threshold=0.3, gate_norm="bank").double()
+    layer.train(training)
+    x = torch.randn(7, 12, dtype=torch.float64)
+    A, B = stacked(layer)
+    banks = [[0, 1], [2, 3, 4, 5], [6, 7, 8, 9]]
+    expected = reference_output(x, layer.base_layer.weight.detach(), A, B, 3, 0.1, 0.3, training, banks)
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-12, atol=1e-12)
+    # One bank: the same as normalising over all ranks.
+    one = make_layer(frozen=6, new=0, k=3, temperature=0.1, gate_norm="bank").double()
+    torch.testing.assert_close(one(x), make_layer(frozen=6, new=0, k=3, temperature=0.1).double()(x), rtol=1e-12, atol=1e-12)
 
 
 def test_gate_keeps_k_eff_ranks_and_threshold_does_not_renormalise():
@@ -141,6 +158,8 @@ def test_set_frozen_rejects_wrong_shapes():
     layer = make_layer(frozen=0)
     with pytest.raises(ValueError, match="do not fit"):
         layer.set_frozen(torch.randn(4, 11), torch.randn(10, 4))
+    with pytest.raises(ValueError, match="do not add up"):
+        layer.set_frozen(torch.randn(4, 12), torch.randn(10, 4), [2, 1])
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -10,7 +10,7 @@ from moram_cli.errors import MoramError
 from moram_cli.models.loading import load_base_model
 from moram_cli.store import Bank, MemoryStore
 from moram_cli.store.bank import MISSING_GROUPS, MISSING_PROTOTYPES, BankTensors, routing_groups, stack_banks
-from moram_cli.store.config import KEY_INITS, METHODS, ROUTINGS
+from moram_cli.store.config import GATE_NORMS, KEY_INITS, METHODS, ROUTINGS
 from moram_cli.tuner import MoramConfig, MoramModel, SeqLoraModel
 
 MemoryModel = MoramModel | SeqLoraModel
@@ -25,10 +25,12 @@ def adapter_model(base: PreTrainedModel, store: MemoryStore) -> MemoryModel:
         raise MoramError(f"{store.path}: store routing {a.routing!r} does not go with method {method}; the store config is corrupt, restore it from a backup")
     if a.key_init not in KEY_INITS:
         raise MoramError(f"{store.path}: store key_init {a.key_init!r} is unknown to this moram (it knows {', '.join(KEY_INITS)}); upgrade moram")
+    if a.gate_norm not in GATE_NORMS:
+        raise MoramError(f"{store.path}: store gate_norm {a.gate_norm!r} is unknown to this moram (it knows {', '.join(GATE_NORMS)}); upgrade moram")
     if method == "lora":
         return SeqLoraModel(base, LoraConfig(r=a.r, lora_alpha=a.lora_alpha, lora_dropout=a.dropout, target_modules=a.target_modules), "default")
     config = MoramConfig(r=a.r, k=a.k, temperature=a.temperature, threshold=a.threshold, dropout=a.dropout,
-                         target_modules=a.target_modules, gate="none" if method == "inclora" else "moram")
+                         target_modules=a.target_modules, gate="none" if method == "inclora" else "moram", gate_norm=a.gate_norm)
     return MoramModel(base, config, "default")
 
 
@@ -48,7 +50,10 @@ def build_memory_model(
         check_bank_fits(bank, tensors, model)
     if per_bank:
         # A lora bank is the whole adapter after its task, so the newest one wanted supersedes the others.
-        model.set_memory(per_bank[-1] if store.config.method == "lora" else stack_banks(per_bank))
+        if store.config.method == "lora":
+            model.set_memory(per_bank[-1])
+        else:
+            model.set_memory(stack_banks(per_bank), rank_counts(per_bank))
     if per_bank and store.config.method == "inclora":
         # Ungated frozen ranks always add their whole B A x: folded into the base weight, they cost nothing per token.
         model.fold_frozen()

@@ -21,6 +21,9 @@ ROUTINGS = ("token", "task", "source")
 # How a later task's new keys start: at random as the method is written, from the task's own inputs, or copied from
 # the previous bank (moram_cli.training.key_init).
 KEY_INITS = ("kaiming", "data", "warm")
+# What a rank's gate score is its share of: the norm of every rank's projection (the method), or of its own bank's
+# (moram_cli.tuner.gating).
+GATE_NORMS = ("all", "bank")
 # The base model's dtype, by its torch name (moram_cli.models.loading).
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -33,8 +36,9 @@ class AdapterSettings:
     for method lora only (its output is scaled by lora_alpha / r). `routing`
     is "token" or "task" (set by `init`), or "source" in stores `moram merge`
     wrote that way. `key_init` says how a later task's new keys start
-    (moram_cli.training.key_init). Both are None only until `init` picks the
-    method's default.
+    (moram_cli.training.key_init), `gate_norm` what a rank's gate score is
+    normalised by. All three are None only until `init` picks the method's
+    default.
     """
 
     r: int = 8
@@ -46,6 +50,7 @@ class AdapterSettings:
     lora_alpha: float | None = None
     routing: str | None = None
     key_init: str | None = None
+    gate_norm: str | None = None
 
 
 @dataclass
@@ -104,8 +109,9 @@ class StoreConfig:
         try:
             return cls(
                 base_model=BaseModelRef.from_dict(data["base_model"]),
-                # Stores written before key_init and task routing existed drew every task's keys at random and gated every token.
-                adapter=_settings(AdapterSettings, {"key_init": "kaiming", "routing": "token", **data.get("adapter", {})}),
+                # Stores written before these settings existed drew every task's keys at random and gated every token
+                # over all ranks.
+                adapter=_settings(AdapterSettings, {"key_init": "kaiming", "routing": "token", "gate_norm": "all", **data.get("adapter", {})}),
                 training=_settings(TrainingSettings, data.get("training", {})),
                 **{k: data[k] for k in ("method", "dtype", "format_version", "tool_version", "created") if k in data},
             )

@@ -6,7 +6,7 @@ import torch
 
 
 def kept_ranks(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0,
-               member: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+               member: torch.Tensor | None = None, banks: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The non-zero part of the gate for projections `z` (last dimension = ranks): the indices of the kept ranks (None
     when every rank is kept) and their weights.
 
@@ -16,10 +16,15 @@ def kept_ranks(z: torch.Tensor, k: int, temperature: float, threshold: float = 0
     callers pass it at inference only. `member` (boolean, broadcastable to
     `z`) confines each row to some ranks, as routing does: the norm and the
     choice run over them alone, exactly as if the others did not exist.
+    `banks` (ranks × banks, one where a rank is in a bank) scores each rank
+    by its share of its own bank's norm instead, before one choice over all.
     """
     ranks = z.shape[-1]
     inside = z if member is None else z * member
-    s = inside / inside.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    if banks is None:
+        s = inside / inside.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    else:
+        s = inside / ((inside.square() @ banks).sqrt() @ banks.T).clamp_min(1e-8)
     if member is not None:
         s = s.masked_fill(~member, float("-inf"))
     k_eff = min(max(k, 2), ranks)
@@ -35,9 +40,10 @@ def kept_ranks(z: torch.Tensor, k: int, temperature: float, threshold: float = 0
     return indices, g
 
 
-def rank_gate(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0, member: torch.Tensor | None = None) -> torch.Tensor:
+def rank_gate(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0, member: torch.Tensor | None = None,
+              banks: torch.Tensor | None = None) -> torch.Tensor:
     """Gate weights `g` for projections `z`, every rank's (zero where not kept): see `kept_ranks`."""
-    return spread(z, *kept_ranks(z, k, temperature, threshold, member))
+    return spread(z, *kept_ranks(z, k, temperature, threshold, member, banks))
 
 
 def spread(z: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:

@@ -67,14 +67,19 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self._active_adapter = adapter_name
         self.merged_adapters = []
+        self.frozen_sizes: list[int] = []
+        # Ranks × banks, one where a rank (frozen ones, then trainable ones) is in a bank: read by the gate when
+        # config.gate_norm is "bank". A buffer, so that it moves with the model.
+        self.register_buffer("bank_table", None, persistent=False)
 
     @property
     def frozen_ranks(self) -> int:
         name = self.active_adapters[0]
         return self.moram_A_frozen[name].shape[0] if name in self.moram_A_frozen else 0
 
-    def set_frozen(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Install the stacked ranks of all earlier tasks (`A`: R×d_in, `B`: d_out×R)."""
+    def set_frozen(self, A: torch.Tensor, B: torch.Tensor, sizes: list[int] | None = None) -> None:
+        """Install the stacked ranks of all earlier tasks (`A`: R×d_in, `B`: d_out×R), `sizes` ranks per bank (one bank
+        of R by default)."""
         expected = ((A.shape[0], self.in_features), (self.out_features, A.shape[0]))
         if (tuple(A.shape), tuple(B.shape)) != expected:
             raise ValueError(f"bank shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit this layer, expected A{expected[0]} B{expected[1]}")
@@ -82,6 +87,10 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         name = self.active_adapters[0]
         self.moram_A_frozen[name] = A.detach().to(device=device, dtype=torch.float32)
         self.moram_B_frozen[name] = B.detach().to(device=device, dtype=torch.float32)
+        self.frozen_sizes = list(sizes) if sizes is not None else [A.shape[0]]
+        if sum(self.frozen_sizes) != A.shape[0]:
+            raise ValueError(f"bank sizes {self.frozen_sizes} do not add up to the {A.shape[0]} ranks given")
+        self._table_banks()
 
     def fold_frozen(self) -> None:
         """Add the frozen ranks' `B A` into the base weight and drop them: exact for an ungated layer (IncLoRA),
@@ -95,6 +104,8 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         with torch.no_grad():
             weight += (self.moram_B_frozen[name] @ self.moram_A_frozen[name]).to(weight.dtype)
         del self.moram_A_frozen[name], self.moram_B_frozen[name]
+        self.frozen_sizes = []
+        self._table_banks()
 
     def add_ranks(self, r: int, generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> None:
         """Append `r` trainable experts, values zero (output unchanged): their keys are `keys` (at most `r` rows),
@@ -105,6 +116,13 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         name = self.active_adapters[0]
         self.moram_A[name] = nn.Parameter(A.to(device))
         self.moram_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self._table_banks()
+
+    def _table_banks(self) -> None:
+        name = self.active_adapters[0]
+        sizes = self.frozen_sizes + ([self.moram_A[name].shape[0]] if name in self.moram_A else [])
+        bank = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+        self.bank_table = F.one_hot(bank, len(sizes)).float().to(self.get_base_layer().weight.device) if sizes else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -141,7 +159,8 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         if router is not None and router.measuring:
             router.add_scores(z, self.rank_banks)
         member = router.member(self.group_member, z.dim()) if router is not None and not router.measuring else None
-        indices, g = kept_ranks(z, self.config.k, self.config.temperature, threshold, member)
+        banks = self.bank_table.to(z.dtype) if self.config.gate_norm == "bank" else None
+        indices, g = kept_ranks(z, self.config.k, self.config.temperature, threshold, member, banks)
         # The router's measuring pass is not an answer; only the gates that shape the output are observed.
         if self.gate_observer is not None and not (router is not None and router.measuring):
             self.gate_observer(spread(z, indices, g))

@@ -37,14 +37,15 @@ class MoramModel(BaseTuner):
         """Adapted layers by their module name in the base model, in model order."""
         return {name: m for name, m in self.model.named_modules() if isinstance(m, MoramLayer)}
 
-    def set_memory(self, stacked: BankTensors) -> None:
-        """Install the frozen ranks of all earlier tasks: module name -> (A, B) stacks."""
+    def set_memory(self, stacked: BankTensors, counts: list[dict[str, int]] | None = None) -> None:
+        """Install the frozen ranks of all earlier tasks: module name -> (A, B) stacks, with each bank's number of ranks
+        per module (`counts`, oldest first; one bank when not given)."""
         layers = self.moram_layers()
         missing = sorted(set(layers) ^ set(stacked))
         if missing:
             raise ValueError(f"memory and model disagree on adapted modules, e.g. {missing[0]}")
         for name, (A, B) in stacked.items():
-            layers[name].set_frozen(A, B)
+            layers[name].set_frozen(A, B, [bank[name] for bank in counts] if counts else None)
 
     def fold_frozen(self) -> None:
         """Fold every layer's frozen ranks into its base weight (ungated layers only: see `MoramLayer.fold_frozen`)."""
