@@ -197,7 +197,7 @@ class Benchmark:
     def store_settings(self, method: str, setting: dict) -> dict:
         a = self.args
         r = a.r if method in ("moram", "inclora") else a.r * len(self.order)
-        gate = {k: setting[k] for k in ("temperature", "k", "threshold", "key_init", "routing", "gate_norm", "max_grad_norm") if k in setting}
+        gate = {k: setting[k] for k in ("temperature", "k", "threshold", "key_init", "routing", "gate_scope", "max_grad_norm") if k in setting}
         return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r,
                 "target_modules": a.target_modules.split(","), "lr": setting["lr"],
                 "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length,
@@ -338,7 +338,7 @@ def expand_order(order: str) -> list[str]:
 
 
 def stage_name(phase: str, method: str, setting: dict) -> str:
-    return f"{phase}-{method}-" + "-".join(f"{k}{v:g}" for k, v in setting.items())
+    return f"{phase}-{method}-" + "-".join(f"{k}{v}" if isinstance(v, str) else f"{k}{v:g}" for k, v in setting.items())
 
 
 def _best(trials: list[dict]) -> dict:

@@ -125,7 +125,7 @@ def init(
     target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names to adapt, or 'all-linear'. Default: q_proj,k_proj.")] = None,
     key_init: Annotated[Optional[str], typer.Option(help="How each later task's new experts' keys start: data (the top principal directions of the task's own inputs outside the old keys' span; on the README's probe the second task learned 0.365 against 0.292 at random), kaiming (at random, the method as written) or warm (copies of the previous bank's keys, as the authors' LLM code). The first task always starts at random. Default: data (moram), kaiming (baselines).")] = None,
     routing: Annotated[Optional[str], typer.Option(help="task: at inference each input is answered by the banks up to the task it resembles most (each bank records its task's mean inputs), so a later task cannot take over an earlier one's inputs (on the README's probe BWT went from -0.115 to 0.000); token: every rank competes for every token, the method as written. Training always gates over every rank. Default: task (moram), token (baselines).")] = None,
-    gate_norm: Annotated[Optional[str], typer.Option(help="What each expert's gate score is its share of: all (the norm of every expert's projection, the method as written) or bank (the norm of its own bank's experts', so a new bank's experts compete on equal terms with the first banks'). Default: all.")] = None,
+    gate_scope: Annotated[Optional[str], typer.Option(help="Over which experts the gate runs: all (every expert competes for the k places, the method as written) or bank (each task's bank gates its own experts, k of them, and the banks' outputs add up, so a new task's experts never compete with trained ones for a place). Default: all.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Base model dtype: float32, bfloat16 or float16. Default: float32.")] = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
@@ -141,7 +141,7 @@ def init(
     modules = None if target_modules is None else (target_modules if target_modules == "all-linear" else target_modules.split(","))
     result = run(init_store, store, base_model=base_model, recipe=recipe, dtype=dtype, method=method, trust_remote_code=trust_remote_code,
                  r=r, k=k, temperature=temperature, threshold=threshold, dropout=dropout, target_modules=modules, key_init=key_init, routing=routing,
-                 gate_norm=gate_norm)
+                 gate_scope=gate_scope)
     if as_json:
         emit(result, True, None)
     else:

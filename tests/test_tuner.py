@@ -7,17 +7,15 @@ import torch
 from torch import nn
 
 from moram_cli.tuner import MoramConfig, MoramLayer, rank_gate
+from moram_cli.tuner.gating import kept_per_bank, spread
 
 
-def reference_output(x, W, A, B, k, tau, delta, training, banks=None):
-    """Steps 1-6 of the method, written out per token with plain loops over ranks; with `banks` (lists of rank
-    indices), step 2 normalises each rank within its bank."""
+def reference_output(x, W, A, B, k, tau, delta, training):
+    """Steps 1-6 of the method, written out per token with plain loops over ranks."""
     out = torch.empty(x.shape[0], B.shape[0], dtype=x.dtype)
     for n, token in enumerate(x):
         z = A @ token
         s = z / max(z.norm().item(), 1e-8)
-        for bank in banks or []:
-            s[bank] = z[bank] / max(z[bank].norm().item(), 1e-8)
         k_eff = min(max(k, 2), A.shape[0])
         keep = sorted(range(len(s)), key=lambda i: -s[i].item())[:k_eff]
         logits = torch.full_like(s, -math.inf)
@@ -59,17 +57,38 @@ def test_layer_matches_reference(k, tau, delta, training):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_bank_norm_scores_each_rank_within_its_own_bank(training):
-    layer = make_layer(frozen=6, sizes=[2, 4], new=4, k=3, temperature=0.1, threshold=0.3, gate_norm="bank").double()
+def test_a_bank_scoped_gate_is_the_sum_of_each_bank_gated_alone(training):
+    # banks of 2 (fewer ranks than k: both kept), 5 and 4 ranks
+    layer = make_layer(frozen=7, sizes=[2, 5], new=4, k=3, temperature=0.1, threshold=0.3, gate_scope="bank").double()
     layer.train(training)
-    x = torch.randn(7, 12, dtype=torch.float64)
+    x = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
     A, B = stacked(layer)
-    banks = [[0, 1], [2, 3, 4, 5], [6, 7, 8, 9]]
-    expected = reference_output(x, layer.base_layer.weight.detach(), A, B, 3, 0.1, 0.3, training, banks)
-    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-12, atol=1e-12)
-    # One bank: the same as normalising over all ranks.
-    one = make_layer(frozen=6, new=0, k=3, temperature=0.1, gate_norm="bank").double()
-    torch.testing.assert_close(one(x), make_layer(frozen=6, new=0, k=3, temperature=0.1).double()(x), rtol=1e-12, atol=1e-12)
+    W = layer.base_layer.weight.detach()
+    banks = [range(0, 2), range(2, 7), range(7, 11)]
+    expected = W @ x.detach().T
+    for bank in banks:
+        b = list(bank)
+        expected = expected + reference_output(x.detach(), 0 * W, A[b], B[:, b], 3, 0.1, 0.3, training).T
+    out = layer(x)
+    torch.testing.assert_close(out.detach(), expected.T, rtol=1e-12, atol=1e-12)
+    # the dense and the gathered value mix agree, with gradients
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), (x, layer.moram_B["default"]))
+    g = layer._gate(x @ A.T)
+    dense = W @ x.T + B @ (spread(x @ A.T, *g) * (x @ A.T)).T
+    want = torch.autograd.grad((dense.T * weights).sum(), (x, layer.moram_B["default"]), allow_unused=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_bank_scoped_gate_keeps_only_the_routed_groups_banks():
+    z = torch.randn(2, 9, dtype=torch.float64)
+    table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, -1, -1, -1]])
+    member = torch.tensor([[True] * 4 + [False] * 5, [True] * 9])
+    indices, g = kept_per_bank(z, 2, 0.2, 0.0, member, table)
+    weights = spread(z, indices, g)
+    assert torch.equal(weights[0, 4:], torch.zeros(5)) and weights[0].sum().item() == pytest.approx(1.0)
+    # every bank of the second row contributes a whole softmax: two banks of k ranks, and the single rank of the third
+    assert weights[1].sum().item() == pytest.approx(3.0) and weights[1, 8].item() == pytest.approx(1.0)
 
 
 def test_gate_keeps_k_eff_ranks_and_threshold_does_not_renormalise():

@@ -10,7 +10,7 @@ from moram_cli.errors import MoramError
 from moram_cli.models.loading import load_base_model
 from moram_cli.store import Bank, MemoryStore
 from moram_cli.store.bank import MISSING_GROUPS, MISSING_PROTOTYPES, BankTensors, routing_groups, stack_banks
-from moram_cli.store.config import GATE_NORMS, KEY_INITS, METHODS, ROUTINGS
+from moram_cli.store.config import GATE_SCOPES, KEY_INITS, METHODS, ROUTINGS
 from moram_cli.tuner import MoramConfig, MoramModel, SeqLoraModel
 
 MemoryModel = MoramModel | SeqLoraModel
@@ -25,12 +25,12 @@ def adapter_model(base: PreTrainedModel, store: MemoryStore) -> MemoryModel:
         raise MoramError(f"{store.path}: store routing {a.routing!r} does not go with method {method}; the store config is corrupt, restore it from a backup")
     if a.key_init not in KEY_INITS:
         raise MoramError(f"{store.path}: store key_init {a.key_init!r} is unknown to this moram (it knows {', '.join(KEY_INITS)}); upgrade moram")
-    if a.gate_norm not in GATE_NORMS:
-        raise MoramError(f"{store.path}: store gate_norm {a.gate_norm!r} is unknown to this moram (it knows {', '.join(GATE_NORMS)}); upgrade moram")
+    if a.gate_scope not in GATE_SCOPES:
+        raise MoramError(f"{store.path}: store gate_scope {a.gate_scope!r} is unknown to this moram (it knows {', '.join(GATE_SCOPES)}); upgrade moram")
     if method == "lora":
         return SeqLoraModel(base, LoraConfig(r=a.r, lora_alpha=a.lora_alpha, lora_dropout=a.dropout, target_modules=a.target_modules), "default")
     config = MoramConfig(r=a.r, k=a.k, temperature=a.temperature, threshold=a.threshold, dropout=a.dropout,
-                         target_modules=a.target_modules, gate="none" if method == "inclora" else "moram", gate_norm=a.gate_norm)
+                         target_modules=a.target_modules, gate="none" if method == "inclora" else "moram", gate_scope=a.gate_scope)
     return MoramModel(base, config, "default")
 
 

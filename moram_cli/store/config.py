@@ -21,9 +21,9 @@ ROUTINGS = ("token", "task", "source")
 # How a later task's new keys start: at random as the method is written, from the task's own inputs, or copied from
 # the previous bank (moram_cli.training.key_init).
 KEY_INITS = ("kaiming", "data", "warm")
-# What a rank's gate score is its share of: the norm of every rank's projection (the method), or of its own bank's
-# (moram_cli.tuner.gating).
-GATE_NORMS = ("all", "bank")
+# Over which ranks the gate normalises, keeps k and softmaxes: all at once (the method), or each bank's apart, the banks'
+# outputs added (moram_cli.tuner.gating).
+GATE_SCOPES = ("all", "bank")
 # The base model's dtype, by its torch name (moram_cli.models.loading).
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -36,8 +36,8 @@ class AdapterSettings:
     for method lora only (its output is scaled by lora_alpha / r). `routing`
     is "token" or "task" (set by `init`), or "source" in stores `moram merge`
     wrote that way. `key_init` says how a later task's new keys start
-    (moram_cli.training.key_init), `gate_norm` what a rank's gate score is
-    normalised by. All three are None only until `init` picks the method's
+    (moram_cli.training.key_init), `gate_scope` over which ranks the gate
+    runs. All three are None only until `init` picks the method's
     default.
     """
 
@@ -50,7 +50,7 @@ class AdapterSettings:
     lora_alpha: float | None = None
     routing: str | None = None
     key_init: str | None = None
-    gate_norm: str | None = None
+    gate_scope: str | None = None
 
 
 @dataclass
@@ -111,7 +111,7 @@ class StoreConfig:
                 base_model=BaseModelRef.from_dict(data["base_model"]),
                 # Stores written before these settings existed drew every task's keys at random and gated every token
                 # over all ranks.
-                adapter=_settings(AdapterSettings, {"key_init": "kaiming", "routing": "token", "gate_norm": "all", **data.get("adapter", {})}),
+                adapter=_settings(AdapterSettings, {"key_init": "kaiming", "routing": "token", "gate_scope": "all", **data.get("adapter", {})}),
                 training=_settings(TrainingSettings, data.get("training", {})),
                 **{k: data[k] for k in ("method", "dtype", "format_version", "tool_version", "created") if k in data},
             )

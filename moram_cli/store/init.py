@@ -9,14 +9,14 @@ from pathlib import Path
 from moram_cli import __version__
 from moram_cli.errors import MoramError
 from moram_cli.models.reference import resolve_base_model
-from moram_cli.store.config import DTYPES, GATE_NORMS, KEY_INITS, METHODS, AdapterSettings, StoreConfig, TrainingSettings, _settings
+from moram_cli.store.config import DTYPES, GATE_SCOPES, KEY_INITS, METHODS, AdapterSettings, StoreConfig, TrainingSettings, _settings
 from moram_cli.store.store import MemoryStore
 from moram_cli.store.yamlio import read_yaml
 
 # How a new moram store's later tasks start their keys, and how it routes: the winners of bench/plasticity.py (see the README).
 DEFAULT_KEY_INIT = "data"
 DEFAULT_ROUTING = "task"
-DEFAULT_GATE_NORM = "all"
+DEFAULT_GATE_SCOPE = "all"
 # A store learned task after task routes by token or by task; source routing is for stores `moram merge` writes.
 INIT_ROUTINGS = ("token", "task")
 
@@ -81,8 +81,8 @@ ADAPTER_RULES = (
 def _check_adapter(a: AdapterSettings) -> None:
     if a.key_init not in KEY_INITS:
         raise MoramError(f"invalid --key-init {a.key_init!r}; use one of {', '.join(KEY_INITS)}")
-    if a.gate_norm not in GATE_NORMS:
-        raise MoramError(f"invalid --gate-norm {a.gate_norm!r}; use one of {', '.join(GATE_NORMS)}")
+    if a.gate_scope not in GATE_SCOPES:
+        raise MoramError(f"invalid --gate-scope {a.gate_scope!r}; use one of {', '.join(GATE_SCOPES)}")
     if a.routing not in INIT_ROUTINGS:
         raise MoramError(f"invalid --routing {a.routing!r}; use one of {', '.join(INIT_ROUTINGS)} (source routing is for stores moram merge writes)")
     for name, ok, need in ADAPTER_RULES:
@@ -97,10 +97,10 @@ def _method_adapter(a: AdapterSettings, method: str) -> AdapterSettings:
         a = replace(a, key_init=DEFAULT_KEY_INIT if method == "moram" else "kaiming")
     if a.routing is None:
         a = replace(a, routing=DEFAULT_ROUTING if method == "moram" else "token")
-    if a.gate_norm is None:
-        a = replace(a, gate_norm=DEFAULT_GATE_NORM if method == "moram" else "all")
-    if a.gate_norm != "all" and method != "moram":
-        raise MoramError(f"--gate-norm {a.gate_norm} needs method moram; the {method} baseline has no gate, use --gate-norm all")
+    if a.gate_scope is None:
+        a = replace(a, gate_scope=DEFAULT_GATE_SCOPE if method == "moram" else "all")
+    if a.gate_scope != "all" and method != "moram":
+        raise MoramError(f"--gate-scope {a.gate_scope} needs method moram; the {method} baseline has no gate, use --gate-scope all")
     if a.routing == "task" and method != "moram":
         raise MoramError(f"--routing task needs method moram; the {method} baseline has no gate to route, use --routing token")
     if method != "lora":

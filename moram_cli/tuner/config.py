@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 
 GATES = ("moram", "none")
-# What a rank's gate score is its share of: the norm of all ranks' projections (the method), or of its own bank's.
-GATE_NORMS = ("all", "bank")
+# Over which ranks the gate normalises, keeps k and softmaxes: all of them at once (the method), or each bank's apart.
+GATE_SCOPES = ("all", "bank")
 
 
 @dataclass
@@ -20,8 +20,8 @@ class MoramConfig(PeftConfig):
     `temperature`; at inference a rank whose normalised score is below
     `threshold` is switched off. `gate="none"` drops the gate altogether, so
     every rank adds its full `B A x` (the IncLoRA baseline on the same code
-    path). `gate_norm="bank"` scores each rank by its share of its own bank's
-    projections instead of all ranks'. `target_modules` uses PEFT's matching rules (suffix names, a regex
+    path). `gate_scope="bank"` gates each bank's ranks apart (k per bank) and
+    adds the banks' outputs. `target_modules` uses PEFT's matching rules (suffix names, a regex
     string, or "all-linear").
     """
 
@@ -31,7 +31,7 @@ class MoramConfig(PeftConfig):
     threshold: float = 0.0
     dropout: float = 0.0
     gate: str = "moram"
-    gate_norm: str = "all"
+    gate_scope: str = "all"
     target_modules: list[str] | str | None = field(default_factory=lambda: ["q_proj", "k_proj"])
     exclude_modules: list[str] | str | None = None
     target_parameters: list[str] | None = None
@@ -48,5 +48,5 @@ class MoramConfig(PeftConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
-        if self.gate_norm not in GATE_NORMS:
-            raise ValueError(f"gate_norm must be one of {GATE_NORMS}, got {self.gate_norm!r}")
+        if self.gate_scope not in GATE_SCOPES:
+            raise ValueError(f"gate_scope must be one of {GATE_SCOPES}, got {self.gate_scope!r}")

@@ -1,4 +1,4 @@
-"""The per-rank gate of MoRAM (steps 2-5 of the method)."""
+"""The per-rank gate of MoRAM (steps 2-5 of the method), over all ranks or within each bank."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 
 def kept_ranks(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0,
-               member: torch.Tensor | None = None, banks: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+               member: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The non-zero part of the gate for projections `z` (last dimension = ranks): the indices of the kept ranks (None
     when every rank is kept) and their weights.
 
@@ -16,15 +16,10 @@ def kept_ranks(z: torch.Tensor, k: int, temperature: float, threshold: float = 0
     callers pass it at inference only. `member` (boolean, broadcastable to
     `z`) confines each row to some ranks, as routing does: the norm and the
     choice run over them alone, exactly as if the others did not exist.
-    `banks` (ranks × banks, one where a rank is in a bank) scores each rank
-    by its share of its own bank's norm instead, before one choice over all.
     """
     ranks = z.shape[-1]
     inside = z if member is None else z * member
-    if banks is None:
-        s = inside / inside.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    else:
-        s = inside / ((inside.square() @ banks).sqrt() @ banks.T).clamp_min(1e-8)
+    s = inside / inside.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     if member is not None:
         s = s.masked_fill(~member, float("-inf"))
     k_eff = min(max(k, 2), ranks)
@@ -40,12 +35,33 @@ def kept_ranks(z: torch.Tensor, k: int, temperature: float, threshold: float = 0
     return indices, g
 
 
-def rank_gate(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0, member: torch.Tensor | None = None,
-              banks: torch.Tensor | None = None) -> torch.Tensor:
+def kept_per_bank(z: torch.Tensor, k: int, temperature: float, threshold: float, member: torch.Tensor | None,
+                  table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kept_ranks` within each bank, every bank's kept ranks together (k per bank): the gate of `gate_scope` "bank".
+
+    `table` (banks × the largest bank's ranks) lists each bank's rank indices,
+    padded with -1. A padded place, or a rank outside `member`, is never kept;
+    its slot comes back with weight 0 (and some index).
+    """
+    inside = table >= 0
+    ranks = table.clamp_min(0)
+    if member is not None:
+        inside = inside & member[..., ranks]
+    indices, g = kept_ranks(z[..., ranks], k, temperature, threshold, inside)
+    chosen = ranks.expand(*g.shape[:-1], ranks.shape[-1])
+    if indices is not None:
+        chosen = chosen.gather(-1, indices)
+    return chosen.flatten(-2), g.flatten(-2)
+
+
+def rank_gate(z: torch.Tensor, k: int, temperature: float, threshold: float = 0.0, member: torch.Tensor | None = None) -> torch.Tensor:
     """Gate weights `g` for projections `z`, every rank's (zero where not kept): see `kept_ranks`."""
-    return spread(z, *kept_ranks(z, k, temperature, threshold, member, banks))
+    return spread(z, *kept_ranks(z, k, temperature, threshold, member))
 
 
 def spread(z: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
-    """`values` of the kept ranks (`indices`, None for all) at their places among all of `z`'s ranks, zero elsewhere."""
-    return values if indices is None else torch.zeros_like(z).scatter(-1, indices, values)
+    """`values` of the kept ranks (`indices`, None for all) at their places among all of `z`'s ranks, zero elsewhere.
+
+    Added, not written: a per-bank gate's empty slots carry weight 0 at an index a kept rank may have too.
+    """
+    return values if indices is None else torch.zeros_like(z).scatter_add(-1, indices, values)

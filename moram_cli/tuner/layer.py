@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moram_cli.tuner.config import MoramConfig
-from moram_cli.tuner.gating import kept_ranks, spread
+from moram_cli.tuner.gating import kept_per_bank, kept_ranks, spread
 from moram_cli.tuner.keys import kaiming_keys
 from moram_cli.tuner.routing import SourceRouter
 
@@ -68,8 +69,8 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.merged_adapters = []
         self.frozen_sizes: list[int] = []
-        # Ranks × banks, one where a rank (frozen ones, then trainable ones) is in a bank: read by the gate when
-        # config.gate_norm is "bank". A buffer, so that it moves with the model.
+        # Each bank's rank indices (frozen banks, then the trainable one), a row per bank padded with -1: read by the gate
+        # when config.gate_scope is "bank". A buffer, so that it moves with the model.
         self.register_buffer("bank_table", None, persistent=False)
 
     @property
@@ -121,8 +122,10 @@ class MoramLayer(nn.Module, BaseTunerLayer):
     def _table_banks(self) -> None:
         name = self.active_adapters[0]
         sizes = self.frozen_sizes + ([self.moram_A[name].shape[0]] if name in self.moram_A else [])
-        bank = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
-        self.bank_table = F.one_hot(bank, len(sizes)).float().to(self.get_base_layer().weight.device) if sizes else None
+        table = torch.full((len(sizes), max(sizes, default=0)), -1, dtype=torch.long)
+        for row, (start, size) in enumerate(zip(itertools.accumulate([0] + sizes), sizes)):
+            table[row, :size] = torch.arange(start, start + size)
+        self.bank_table = table.to(self.get_base_layer().weight.device)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -159,8 +162,10 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         if router is not None and router.measuring:
             router.add_scores(z, self.rank_banks)
         member = router.member(self.group_member, z.dim()) if router is not None and not router.measuring else None
-        banks = self.bank_table.to(z.dtype) if self.config.gate_norm == "bank" else None
-        indices, g = kept_ranks(z, self.config.k, self.config.temperature, threshold, member, banks)
+        if self.config.gate_scope == "bank":
+            indices, g = kept_per_bank(z, self.config.k, self.config.temperature, threshold, member, self.bank_table)
+        else:
+            indices, g = kept_ranks(z, self.config.k, self.config.temperature, threshold, member)
         # The router's measuring pass is not an answer; only the gates that shape the output are observed.
         if self.gate_observer is not None and not (router is not None and router.measuring):
             self.gate_observer(spread(z, indices, g))
