@@ -45,3 +45,5 @@ def test_the_model_knows_each_banks_ranks_frozen_and_new(tmp_path, tiny_model_di
     assert layer.config.gate_scope == "bank" and torch.equal(layer.bank_table, torch.arange(8).view(2, 4))
     model.add_task_ranks(4, seed=0)
     assert torch.equal(layer.bank_table, torch.arange(12).view(3, 4))
+    # k = 2 kept per bank: the gate statistics of inspect-ranks count up to 6 ranks per token
+    assert layer.kept_per_token == 6

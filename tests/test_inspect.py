@@ -85,7 +85,7 @@ def test_module_filter_matches_anywhere_in_the_name_with_wildcards(store, tiny_t
 
 
 def test_gate_statistics_are_running_totals():
-    stats = GateStats(ranks=3, k=2)
+    stats = GateStats(ranks=3, kept=2)
     stats.add(torch.tensor([[0.995, 0.005, 0.0], [0.5, 0.5, 0.0]]))
     stats.add(torch.tensor([[0.0, 0.0, 0.0]]))  # every rank thresholded away
     assert stats.mass.tolist() == pytest.approx([1.495, 0.505, 0.0]) and stats.selected.tolist() == [2, 2, 0]

@@ -31,13 +31,13 @@ class GateStats:
     token's gate mass.
     """
 
-    def __init__(self, ranks: int, k: int) -> None:
+    def __init__(self, ranks: int, kept: int) -> None:
         self.mass = torch.zeros(ranks, dtype=torch.float64)
         self.selected = torch.zeros(ranks, dtype=torch.long)
         self.tokens = 0
         self.ranks_for_mass = 0
-        # Only the k_eff ranks kept by the top-k can carry any gate weight.
-        self.k_eff = min(max(k, 2), ranks)
+        # Only the ranks the top-k keeps (`kept` per token) can carry any gate weight.
+        self.k_eff = min(kept, ranks)
 
     def add(self, g: torch.Tensor) -> None:
         """Fold in the gates of some tokens: `g` is tokens × ranks."""
@@ -65,7 +65,7 @@ def collect_gates(
     """
     encoded, _ = encode_dataset(examples, tokenizer, max_length)
     layers = {name: layer for name, layer in model.moram_layers().items() if keep(name)}
-    stats = {name: GateStats(layer.frozen_ranks, layer.config.k) for name, layer in layers.items()}
+    stats = {name: GateStats(layer.frozen_ranks, layer.kept_per_token) for name, layer in layers.items()}
     current = {}
     for name, layer in layers.items():
         layer.gate_observer = lambda g, totals=stats[name]: totals.add(g.flatten(0, -2)[current["tokens"]])

@@ -78,6 +78,14 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         name = self.active_adapters[0]
         return self.moram_A_frozen[name].shape[0] if name in self.moram_A_frozen else 0
 
+    @property
+    def kept_per_token(self) -> int:
+        """How many ranks a token's gate can keep: k_eff (at least 2), per bank when the gate is bank-scoped."""
+        k_eff = max(self.config.k, 2)
+        if self.config.gate_scope != "bank" or self.bank_table is None:
+            return k_eff
+        return sum(min(k_eff, int(size)) for size in (self.bank_table >= 0).sum(1))
+
     def set_frozen(self, A: torch.Tensor, B: torch.Tensor, sizes: list[int] | None = None) -> None:
         """Install the stacked ranks of all earlier tasks (`A`: R×d_in, `B`: d_out×R), `sizes` ranks per bank (one bank
         of R by default)."""
