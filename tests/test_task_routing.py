@@ -72,6 +72,24 @@ def test_each_input_is_answered_as_the_store_was_after_its_nearest_task(routed, 
     torch.testing.assert_close(logits(full, tokenizer, topic), everything, atol=1e-6, rtol=1e-6)
 
 
+def test_the_router_reads_the_first_blocks_only_and_stops_there(routed, monkeypatch):
+    from moram_cli.tuner import routing
+
+    monkeypatch.setattr(routing, "ROUTING_BLOCKS", 1)
+    store, _ = routed
+    model, tokenizer = build_memory_model(MemoryStore.open(store))
+    layers = model.moram_layers()
+    assert [name for name, layer in layers.items() if layer.prototypes is not None] == [n for n in layers if ".layers.0." in n]
+    calls = []
+    hooks = [layer.base_layer.register_forward_hook(lambda *_, name=name: calls.append(name)) for name, layer in layers.items()]
+    logits(model, tokenizer, COUNTING[3]["prompt"])
+    for hook in hooks:
+        hook.remove()
+    # the first pass ran block 0 alone; the answer ran every block once
+    assert [n for n in calls if ".layers.1." in n] == [n for n in layers if ".layers.1." in n]
+    assert len([n for n in calls if ".layers.0." in n]) == 2 * len([n for n in layers if ".layers.0." in n])
+
+
 def test_the_recorded_matrix_is_the_routed_one(routed, tiny_task):
     store, counting = routed
     report = continual_report(store)

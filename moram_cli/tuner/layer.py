@@ -140,8 +140,9 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters:
             return result
         if self.router is not None and self.router.measuring and self.router.reads_inputs:
-            # The task router's first pass: the bare model, read layer by layer.
-            self.router.observe(x, self.prototypes)
+            # The task router's first pass: the bare model, read layer by layer (the first blocks only).
+            if self.prototypes is not None:
+                self.router.observe(x, self.prototypes)
             return result
         A, B = self._ranks()
         if A is None:

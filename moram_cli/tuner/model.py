@@ -11,7 +11,7 @@ from torch import nn
 
 from moram_cli.tuner.config import MoramConfig
 from moram_cli.tuner.layer import MoramLayer
-from moram_cli.tuner.routing import SourceRouter, TaskRouter, group_table
+from moram_cli.tuner.routing import SourceRouter, TaskRouter, group_table, routing_modules
 
 BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 # Module name -> its rank indices (into the stacked ranks) per routing group and per bank.
@@ -60,9 +60,13 @@ class MoramModel(BaseTuner):
     def route_by_task(self, prototypes: dict[str, torch.Tensor], ranks: RankIndices) -> None:
         """Answer each sequence with the banks up to the task it resembles most: `prototypes` maps each module to its
         banks' task prototypes (banks × d_in), `ranks` to its rank indices per prefix of banks and per bank."""
-        self._route(TaskRouter(banks=len(next(iter(ranks.values()))[1])), ranks)
-        for name, layer in self.moram_layers().items():
-            layer.prototypes = prototypes[name].to(layer.get_base_layer().weight.device)
+        router = TaskRouter(banks=len(next(iter(ranks.values()))[1]))
+        self._route(router, ranks)
+        layers = self.moram_layers()
+        read = set(routing_modules(list(layers)))
+        for name, layer in layers.items():
+            layer.prototypes = prototypes[name].to(layer.get_base_layer().weight.device) if name in read else None
+        router.readers = len(read)
 
     @contextmanager
     def unrouted(self) -> Iterator[None]:

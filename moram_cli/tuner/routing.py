@@ -24,12 +24,34 @@ mean input of its tokens to every adapted module on the bare base model; the
 first pass runs the bare model and picks the bank whose prototypes are
 nearest (squared distance summed over the modules) to the sequence's mean
 inputs. Routing acts at inference only: training gates over every rank.
+The first pass reads the modules of the first `ROUTING_BLOCKS` blocks only
+and stops there, so it costs a few blocks of the model, not a whole pass.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
+
+# Blocks whose inputs the task router reads. On the eight-task SmolLM2 store of the long benchmark (seed 0, 32 test
+# prompts per task) the first 4 of 30 blocks picked the prompt's own task for 97.7% of prompts, all 30 for 96.9%
+# (2 blocks: 96.9%, 1 block: 83.6%).
+ROUTING_BLOCKS = 4
+
+
+class Routed(Exception):
+    """Ends the task router's first pass once every module it reads has been seen."""
+
+
+def routing_modules(names: list[str]) -> list[str]:
+    """The adapted modules the task router reads: those of the first ROUTING_BLOCKS blocks (a block is the first
+    number in a module's name, as in `model.layers.3.self_attn.q_proj`); all of them in a model without numbered blocks."""
+    blocks = {name: re.search(r"\.(\d+)\.", f".{name}.") for name in names}
+    if not all(blocks.values()):
+        return names
+    return [name for name in names if int(blocks[name].group(1)) < ROUTING_BLOCKS]
 
 
 
@@ -45,6 +67,9 @@ class SourceRouter:
     # Whether the first pass runs the bare base model and reads each adapted layer's input (`observe`) instead of
     # scoring banks by their experts' gate scores.
     reads_inputs = False
+    # How many layers observe in the first pass (those holding prototypes), and how many have not yet in this one.
+    readers = 0
+    unseen = 0
 
     def __init__(self, members: list[list[int]], banks: int) -> None:
         self.members = members
@@ -94,10 +119,13 @@ class SourceRouter:
         self._mask = mask if mask is not None and mask.dim() == 2 else torch.ones(tokens.shape[:2], device=tokens.device)
         self._scores = torch.zeros(tokens.shape[0], self.banks, device=tokens.device)
         self.measuring = True
+        self.unseen = self.readers
         try:
             with torch.no_grad():
                 fresh = {key: None for key in ("cache", "past_key_values", "labels") if key in kwargs}
                 model(*args, **{**kwargs, **fresh, "use_cache": False, "logits_to_keep": 1})
+        except Routed:
+            pass
         finally:
             self.measuring = False
         self.chosen = torch.stack([self._scores[:, banks].amax(-1) for banks in self.members], dim=-1).argmax(-1)
@@ -121,6 +149,9 @@ class TaskRouter(SourceRouter):
         mask = self._mask.to(x.dtype).unsqueeze(-1)
         mean = (x * mask).sum(1) / mask.sum(1).clamp_min(1)
         self._scores -= torch.cdist(mean.float(), prototypes.to(device=x.device, dtype=torch.float32)).square()
+        self.unseen -= 1
+        if self.unseen == 0:
+            raise Routed
 
 
 def group_table(groups: tuple[torch.Tensor, ...], ranks: int) -> torch.Tensor:
