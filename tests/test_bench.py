@@ -290,3 +290,21 @@ def test_eval_before_after_runs_both_versions_in_turn_and_reports_their_accuracy
     result = json.loads((tmp_path / "eval-before-after.json").read_text())["scorings"]["choice"]
     assert [len(v) for v in result["seconds"].values()] == [1, 1] and result["speed_up"] > 0
     assert result["accuracy"]["before"] == result["accuracy"]["after"]
+
+
+def test_routing_depth_scores_every_depth_against_the_prompts_own_task(tmp_path, tasks_dir, tiny_model_dir, monkeypatch):
+    from moram_cli.store.init import init_store
+    from moram_cli.training.learn import learn_task
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("routing_depth", SCRIPT.parent / "routing_depth.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    store = tmp_path / "store"
+    init_store(store, base_model=str(tiny_model_dir), r=2)
+    for task in ("one", "two"):
+        learn_task(store, tasks_dir / task / "train.jsonl", name=task, show_progress=False, max_steps=2, batch_size=4)
+    assert script.main(["--store", str(store), "--data-dir", str(tasks_dir), "--depths", "1", "--results-dir", str(tmp_path), "--quiet"]) == 0
+    result = json.loads((tmp_path / "routing-depth.json").read_text())
+    assert set(result["by_blocks"]) == {"1", "2"} and result["by_blocks"]["2"]["as_every_block"] == 1.0
+    assert result["prompts"] == sum(len((tasks_dir / t / "test.jsonl").read_text().splitlines()) for t in ("one", "two"))
