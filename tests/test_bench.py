@@ -26,6 +26,15 @@ def bench():
     return module
 
 
+def bench_script(name: str, monkeypatch):
+    """A script of bench/ loaded as a module, with bench/ on the path for its imports of cl_benchmark."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def bench_argv(tmp_path, tasks_dir, tiny_model_dir, *flags) -> list[str]:
     return ["--tasks-dir", str(tasks_dir), "--order", "one,two", "--base-model", str(tiny_model_dir), "--n-train", "8",
             "--n-dev", "4", "--n-test", "6", "--r", "2", "--batch-size", "4", "--work-dir", str(tmp_path / "work"),
@@ -259,10 +268,7 @@ def test_the_merge_benchmark_scores_every_task_from_its_own_and_each_merged_stor
 
 
 def test_the_speed_benchmark_measures_every_figure_it_reports(tmp_path, tasks_dir, tiny_model_dir, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("speed", SCRIPT.parent / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = bench_script("speed", monkeypatch)
     argv = ["--base-model", str(tiny_model_dir), "--banks", "1,3", "--frozen-banks", "2", "--batch", "2", "--tokens", "8", "--rounds", "1",
             "--eval-examples", "3", "--data", str(tasks_dir / "one" / "test.jsonl"), "--results-dir", str(tmp_path), "--quiet"]
     assert speed.main(argv) == 0
@@ -277,10 +283,7 @@ def test_the_speed_benchmark_measures_every_figure_it_reports(tmp_path, tasks_di
 def test_eval_before_after_runs_both_versions_in_turn_and_reports_their_accuracy(tmp_path, tasks_dir, tiny_model_dir, monkeypatch):
     from test_cli import ok_json
 
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("eval_before_after", SCRIPT.parent / "eval_before_after.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = bench_script("eval_before_after", monkeypatch)
     store = tmp_path / "store"
     ok_json("init", store, "--base-model", tiny_model_dir)
     data = tasks_dir / "one" / "test.jsonl"
@@ -296,10 +299,7 @@ def test_routing_depth_scores_every_depth_against_the_prompts_own_task(tmp_path,
     from moram_cli.store.init import init_store
     from moram_cli.training.learn import learn_task
 
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("routing_depth", SCRIPT.parent / "routing_depth.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = bench_script("routing_depth", monkeypatch)
     store = tmp_path / "store"
     init_store(store, base_model=str(tiny_model_dir), r=2)
     for task in ("one", "two"):
