@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
-from moram_cli.models.fingerprint import sha256_file
+from moram_cli.hashing import sha256_file
+from moram_cli.safe_text import one_line
 from moram_cli.store.permissions import follow_umask
 from moram_cli.store.yamlio import read_yaml, write_yaml
 
