@@ -301,7 +301,7 @@ def merge(
     further tasks.
     """
     from moram_cli.reporting import merge_table
-    from moram_cli.store.merge import merge_stores
+    from moram_cli.curation.merge import merge_stores
 
     picked = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
     result = run(merge_stores, out, sources, tasks=picked, prune_below=prune_below, data=data, eval_data=eval_data,
