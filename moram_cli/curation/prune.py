@@ -11,8 +11,8 @@ from moram_cli.data.jsonl import Example
 from moram_cli.evaluation.evaluate import evaluate_examples
 from moram_cli.hashing import sha256_file
 from moram_cli.inspection.gates import check_gated, collect_gates
-from moram_cli.models.memory import build_memory_model
-from moram_cli.store.bank import stack_banks, write_bank
+from moram_cli.models.memory import build_memory_model, stack_banks
+from moram_cli.store.bank import write_bank
 from moram_cli.store.store import MemoryStore
 
 

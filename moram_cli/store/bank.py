@@ -143,18 +143,6 @@ def routing_groups(metadata: dict) -> list[int] | None:
     return groups if valid else None
 
 
-def stack_banks(per_bank: list[BankTensors]) -> BankTensors:
-    """Module name -> (A, B) of several banks stacked along the rank axis, oldest first."""
-    import torch  # banks are stacked to build a model, which loaded torch already
-
-    if not per_bank:
-        return {}
-    return {
-        module: (torch.cat([t[module][0] for t in per_bank]), torch.cat([t[module][1] for t in per_bank], dim=1))
-        for module in per_bank[0]
-    }
-
-
 def flatten(tensors: BankTensors, prototypes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Keys `<module>.A` (the keys of the memory), `<module>.B` (its values) and, when given, `<module>.prototype`."""
     flat = {}
