@@ -300,8 +300,8 @@ def merge(
     one source its experts pick (--routing source); such a store learns no
     further tasks.
     """
-    from moram_cli.reporting import merge_table
     from moram_cli.curation.merge import merge_stores
+    from moram_cli.reporting import merge_table
 
     picked = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
     result = run(merge_stores, out, sources, tasks=picked, prune_below=prune_below, data=data, eval_data=eval_data,

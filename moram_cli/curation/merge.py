@@ -35,12 +35,12 @@ def merge_stores(
     plan = plan_merge(sources, tasks, routing)
     calibration, evaluation = _prune_inputs(prune_below, data, eval_data)
     with MemoryStore.building(out, plan.config()) as merged:
-        merge = copy_banks(merged, plan)
+        copied = copy_banks(merged, plan)
         # Pruning rewrites banks in place, which is only safe while the store is still in staging.
         pruning = {}
         if prune_below is not None:
             pruning["prune"] = prune_store(merged, prune_below, data, calibration, evaluation, show_progress, trust_remote_code)
-    return {"store": str(out)} | merge | pruning
+    return {"store": str(out)} | copied | pruning
 
 
 def _prune_inputs(below: float | None, data: Path | None, eval_data: Path | None) -> tuple[list[Example] | None, tuple[Path, list[Example]] | None]:
