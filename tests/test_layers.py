@@ -34,13 +34,16 @@ def within(name: str, packages: tuple[str, ...]) -> bool:
     return any(name == package or name.startswith(f"{package}.") for package in packages)
 
 
-def is_moram_module(name: str) -> bool:
+def is_module(name: str) -> bool:
+    """Whether `name` may be a module: any name outside moram_cli (`from safetensors import torch`), in it only a file or folder."""
+    if not name.startswith("moram_cli."):
+        return True
     path = PACKAGE.parent.joinpath(*name.split("."))
     return path.with_suffix(".py").is_file() or path.is_dir()
 
 
 def imported(module: str, tree: ast.Module) -> list[tuple[int, str, bool]]:
-    """(line, module named, inside a function) for every import that can run; `from X import n` names X, and X.n if a module."""
+    """(line, module named, inside a function) for every import that can run; `from X import n` names X, and X.n where it may be a module."""
     hidden = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
               for statement in block.body for node in ast.walk(statement)}
     lazy = {id(node) for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -54,7 +57,7 @@ def imported(module: str, tree: ast.Module) -> list[tuple[int, str, bool]]:
         elif isinstance(node, ast.ImportFrom):
             package = module.split(".")[: -node.level] if node.level else []
             base = ".".join([*package, *([node.module] if node.module else [])])
-            names = [base, *(f"{base}.{alias.name}" for alias in node.names if is_moram_module(f"{base}.{alias.name}"))]
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names if is_module(f"{base}.{alias.name}"))]
         else:
             continue
         found += [(node.lineno, name, id(node) in lazy) for name in names]
@@ -82,7 +85,7 @@ def load():
     from moram_cli.models.memory import build_memory_model
 """
     assert imported("moram_cli.store.x", ast.parse(source)) == [
-        (2, "typing", False), (3, "moram_cli.store", False), (3, "moram_cli.store.bank", False),
+        (2, "typing", False), (2, "typing.TYPE_CHECKING", False), (3, "moram_cli.store", False), (3, "moram_cli.store.bank", False),
         (4, "moram_cli", False), (4, "moram_cli.evaluation", False), (8, "moram_cli.models.memory", True),
     ]
 
