@@ -43,8 +43,8 @@ from moram_cli.data.jsonl import read_examples
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.cl_metrics import average_accuracy, backward_transfer, forgetting, mean, shown
 from moram_cli.evaluation.evaluate import evaluate_examples
+from moram_cli.hashing import sha256_file
 from moram_cli.markdown import markdown_table
-from moram_cli.models.fingerprint import sha256_file
 from moram_cli.models.memory import build_memory_model
 from moram_cli.store import MemoryStore
 from moram_cli.store.init import init_store

@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 from moram_cli import __version__
+from moram_cli.curation.merge import merge_stores
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.evaluate import evaluate_store
 from moram_cli.markdown import markdown_table
 from moram_cli.store.init import init_store
-from moram_cli.store.merge import MERGE_ROUTINGS, merge_stores
+from moram_cli.store.merge import MERGE_ROUTINGS
 from moram_cli.training.learn import learn_task
 
 REPO = Path(__file__).resolve().parents[1]

@@ -115,7 +115,7 @@ def main_options(
 def init(
     store: StoreArg,
     base_model: Annotated[Optional[str], typer.Option(help="Hugging Face hub id, local model directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe with 'adapter:' and 'training:' sections (see recipes/); flags below override it.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe with 'adapter:' and 'training:' sections (see recipes/init/); flags below override it.")] = None,
     method: Annotated[Optional[str], typer.Option(help="moram; or a baseline on the same code path: lora (one LoRA adapter of rank r trained task after task, SeqLoRA) or inclora (r new LoRA ranks per task, old ones frozen, summed without a gate). Default: moram.")] = None,
     r: Annotated[Optional[int], typer.Option("--r", help="New rank-1 experts per adapted module per task (lora: the adapter's rank). Default: 8.")] = None,
     k: Annotated[Optional[int], typer.Option("--k", help="Activation budget: ranks kept by the gate per token, at least 1; the gate always mixes 2 or more, so 1 acts as 2. Default: 4.")] = None,
@@ -302,8 +302,8 @@ def merge(
     one source its experts pick (--routing source); such a store learns no
     further tasks.
     """
+    from moram_cli.curation.merge import merge_stores
     from moram_cli.reporting import merge_table
-    from moram_cli.store.merge import merge_stores
 
     picked = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
     result = run(merge_stores, out, sources, tasks=picked, prune_below=prune_below, data=data, eval_data=eval_data,

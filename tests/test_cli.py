@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import moram_cli
 from conftest import snapshot
 from moram_cli.cli import app
 
 runner = CliRunner()
+INIT_RECIPES = Path(moram_cli.__file__).parent / "recipes" / "init"
 
 
 def moram(*args: str):
@@ -55,6 +59,13 @@ def test_init_takes_a_recipe_and_flags_override_it(tmp_path, tiny_model_dir):
     config = ok_json("init", tmp_path / "s", "--base-model", tiny_model_dir, "--recipe", recipe, "--k", "6")
     assert (config["adapter"]["r"], config["adapter"]["k"], config["adapter"]["target_modules"]) == (3, 6, "all-linear")
     assert (config["training"]["lr"], config["training"]["epochs"]) == (0.5, 3)
+
+
+@pytest.mark.parametrize("recipe", sorted(INIT_RECIPES.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_init_recipe_sets_all_it_names(tmp_path, tiny_model_dir, recipe):
+    config = ok_json("init", tmp_path / "s", "--base-model", tiny_model_dir, "--recipe", recipe)
+    for section, settings in yaml.safe_load(recipe.read_text()).items():
+        assert {key: config[section][key] for key in settings} == settings
 
 
 def test_learn_task_writes_a_bank_of_keys_and_values(trained):

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import snapshot
 from moram_cli.cli import app
-from moram_cli.models.fingerprint import sha256_file
+from moram_cli.hashing import sha256_file
 
 runner = CliRunner()
 

@@ -8,9 +8,10 @@ import torch
 
 from conftest import snapshot
 from moram_cli.errors import MoramError
+from moram_cli.models.memory import stack_banks
 from moram_cli.models.reference import BaseModelRef
 from moram_cli.store import MemoryStore, StoreConfig
-from moram_cli.store.bank import check_task_name, stack_banks
+from moram_cli.store.bank import check_task_name
 
 
 def new_store(path) -> MemoryStore:

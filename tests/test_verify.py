@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import random_bank
 from moram_cli.cli import app
-from moram_cli.models.fingerprint import sha256_file
+from moram_cli.hashing import sha256_file
 from moram_cli.store import MemoryStore
 from moram_cli.store.lock import store_lock
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
-from moram_cli.data.jsonl import Example, one_line
+from moram_cli.data.jsonl import Example
 from moram_cli.errors import MoramError
+from moram_cli.safe_text import one_line
 
 IGNORE_INDEX = -100
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moram_cli.errors import MoramError
+from moram_cli.safe_text import one_line
 
 FORMATS_HINT = 'each line needs {"prompt": ..., "completion": ...}, {"messages": [...]} or {"text": ...}'
 _FORMAT_KEYS = {"prompt": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
@@ -50,17 +51,6 @@ class Example:
     def where(self) -> str:
         """`file:line`, the prefix of every error message about this example."""
         return f"{self.source}:{self.line}" if self.source else f"line {self.line}"
-
-
-def one_line(text: str, limit: int = 60) -> str:
-    """`text` made safe to embed in a message: whitespace runs collapsed, at most `limit` chars, control characters escaped.
-
-    Escaping keeps a hostile file from writing terminal escape sequences, NULs
-    or lone surrogates (which cannot even be printed) into the error line.
-    """
-    flat = " ".join(text.split())
-    flat = flat if len(flat) <= limit else flat[: limit - 3] + "..."
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in flat)
 
 
 def read_examples(path: Path, *, allow_text: bool = True) -> list[Example]:

@@ -16,7 +16,7 @@ from moram_cli import __version__
 from moram_cli.data.jsonl import Example, read_examples
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.cl_metrics import average_accuracy, backward_transfer, forgetting, forward_transfer
-from moram_cli.models.fingerprint import sha256_file
+from moram_cli.hashing import sha256_file
 from moram_cli.store import Bank, MemoryStore
 
 CL_KEY = "cl"

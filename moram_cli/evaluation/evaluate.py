@@ -9,8 +9,9 @@ from pathlib import Path
 from rich.progress import Progress
 
 from moram_cli.data.encode import check_context, split_example
-from moram_cli.data.jsonl import Example, one_line, read_examples
+from moram_cli.data.jsonl import Example, read_examples
 from moram_cli.errors import MoramError
+from moram_cli.safe_text import one_line
 from moram_cli.store import MemoryStore
 
 SCORINGS = ("auto", "choice", "generate")

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from moram_cli.data.encode import check_context
-from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
 from moram_cli.models.cache import cache_dir
 from moram_cli.models.memory import build_memory_model
+from moram_cli.safe_text import one_line
 from moram_cli.store import MemoryStore
 
 # lm-eval's metric keys carry a filter suffix ("acc,none"); these are the scores reported.

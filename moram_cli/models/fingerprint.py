@@ -7,16 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from moram_cli.hashing import sha256_file
 from moram_cli.models.cache import cache_dir
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, streamed in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _memo_path() -> Path:

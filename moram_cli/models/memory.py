@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from moram_cli.errors import MoramError
 from moram_cli.models.loading import load_base_model
 from moram_cli.store import Bank, MemoryStore
-from moram_cli.store.bank import MISSING_GROUPS, MISSING_PROTOTYPES, BankTensors, routing_groups, stack_banks
+from moram_cli.store.bank import MISSING_GROUPS, MISSING_PROTOTYPES, BankTensors, routing_groups
 from moram_cli.store.config import GATE_SCOPES, KEY_INITS, METHODS, ROUTINGS
 from moram_cli.tuner import MoramConfig, MoramModel, SeqLoraModel
 
@@ -32,6 +32,16 @@ def adapter_model(base: PreTrainedModel, store: MemoryStore) -> MemoryModel:
     config = MoramConfig(r=a.r, k=a.k, temperature=a.temperature, threshold=a.threshold, dropout=a.dropout,
                          target_modules=a.target_modules, gate="none" if method == "inclora" else "moram", gate_scope=a.gate_scope)
     return MoramModel(base, config, "default")
+
+
+def stack_banks(per_bank: list[BankTensors]) -> BankTensors:
+    """Module name -> (A, B) of several banks stacked along the rank axis, oldest first: the memory a model holds."""
+    if not per_bank:
+        return {}
+    return {
+        module: (torch.cat([t[module][0] for t in per_bank]), torch.cat([t[module][1] for t in per_bank], dim=1))
+        for module in per_bank[0]
+    }
 
 
 def build_memory_model(

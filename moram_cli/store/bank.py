@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
-from moram_cli.models.fingerprint import sha256_file
+from moram_cli.hashing import sha256_file
+from moram_cli.safe_text import one_line
 from moram_cli.store.permissions import follow_umask
 from moram_cli.store.yamlio import read_yaml, write_yaml
 
@@ -141,18 +141,6 @@ def routing_groups(metadata: dict) -> list[int] | None:
     groups = metadata.get("routing_groups")
     valid = isinstance(groups, list) and groups and all(isinstance(g, int) and not isinstance(g, bool) for g in groups)
     return groups if valid else None
-
-
-def stack_banks(per_bank: list[BankTensors]) -> BankTensors:
-    """Module name -> (A, B) of several banks stacked along the rank axis, oldest first."""
-    import torch  # banks are stacked to build a model, which loaded torch already
-
-    if not per_bank:
-        return {}
-    return {
-        module: (torch.cat([t[module][0] for t in per_bank]), torch.cat([t[module][1] for t in per_bank], dim=1))
-        for module in per_bank[0]
-    }
 
 
 def flatten(tensors: BankTensors, prototypes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -64,7 +64,7 @@ def _recipe_settings(recipe: Path | None) -> tuple[AdapterSettings, TrainingSett
     try:
         return _settings(AdapterSettings, data.get("adapter") or {}), _settings(TrainingSettings, data.get("training") or {})
     except (TypeError, ValueError) as exc:
-        raise MoramError(f"{recipe}: {exc}; recipes hold 'adapter:' and 'training:' sections (see recipes/)") from None
+        raise MoramError(f"{recipe}: {exc}; recipes hold 'adapter:' and 'training:' sections (see recipes/init/)") from None
 
 
 # Each adapter setting a flag of `init` sets: the rule it must meet, and the rule in words.

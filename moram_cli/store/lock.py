@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
+from moram_cli.safe_text import one_line
 
 LOCK_FILE = ".lock"
 

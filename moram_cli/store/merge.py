@@ -1,17 +1,18 @@
-"""`merge_stores`: one new store holding the banks of several, each with its provenance."""
+"""Merging stores, the persistence half: which banks to copy under which names, and copying them with their provenance.
+
+Pruning the merged store on calibration data needs its model, so `moram_cli.curation.merge` does that.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from moram_cli import __version__
-from moram_cli.data.jsonl import Example, read_examples
 from moram_cli.errors import MoramError
 from moram_cli.store.bank import Bank
 from moram_cli.store.config import StoreConfig
-from moram_cli.store.prune import prune_store
 from moram_cli.store.store import MemoryStore
 
 # What every source must share with the first: the model the banks plug into and the gate that mixes them.
@@ -29,47 +30,46 @@ MUST_MATCH = {
 Planned = tuple[MemoryStore, Bank, str, list[int] | None]
 
 
-def merge_stores(
-    out: Path,
-    sources: list[Path],
-    *,
-    tasks: list[str] | None = None,
-    prune_below: float | None = None,
-    data: Path | None = None,
-    eval_data: Path | None = None,
-    routing: str | None = None,
-    show_progress: bool = False,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Write a new store at `out` with the banks of `sources` (or those of `tasks`), in source order.
+@dataclass(frozen=True)
+class MergePlan:
+    """What a merge copies, read and checked before anything is written."""
 
-    The store is built in a staging directory next to `out` and renamed into
-    place when complete; the sources are only read. `routing` "source" (the
-    default for moram stores) makes the merged store answer each sequence with
-    one source's banks; "token" lets all ranks compete for every token. With
-    `prune_below`, ranks holding less than that share of their module's gate
-    mass on `data` are dropped, and `eval_data` is scored before and after.
+    stores: list[MemoryStore]
+    routing: str
+    banks: list[Planned]
+    duplicates: int
+
+    def config(self) -> StoreConfig:
+        """The merged store's settings: the first source's, with the merge's routing."""
+        first = self.stores[0].config
+        return replace(first, adapter=replace(first.adapter, routing=self.routing), tool_version=__version__,
+                       created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def plan_merge(sources: list[Path], tasks: list[str] | None, routing: str | None) -> MergePlan:
+    """The banks of `sources` (or those of `tasks`) to merge, in source order; refuses stores that do not fit together.
+
+    `routing` defaults to "source" for moram stores and "token" for the baselines.
     """
     stores = [MemoryStore.open(path) for path in sources]
     for other in stores[1:]:
         check_mergeable(stores[0], other)
     routing = _routing(routing, stores[0].config.method)
-    plan, duplicates = merge_plan(stores, tasks)
+    banks, duplicates = _banks_to_copy(stores, tasks)
     if routing == "token":
-        plan = [(store, bank, name, None) for store, bank, name, _ in plan]
-    calibration, evaluation = _prune_inputs(prune_below, data, eval_data)
-    config = merged_config(stores[0].config, routing)
-    with MemoryStore.building(out, config) as merged:
-        copies = [(bank, _copy(merged, store, bank, name, groups)) for store, bank, name, groups in plan]
-        _check_shapes(copies)
-        pruning = {}
-        if prune_below is not None:
-            pruning["prune"] = prune_store(merged, prune_below, data, calibration, evaluation, show_progress, trust_remote_code)
+        banks = [(store, bank, name, None) for store, bank, name, _ in banks]
+    return MergePlan(stores, routing, banks, duplicates)
+
+
+def copy_banks(merged: MemoryStore, plan: MergePlan) -> dict:
+    """Copy the planned banks into `merged`, each with its provenance; returns what was merged, for the report."""
+    copies = [(bank, _copy(merged, store, bank, name, groups)) for store, bank, name, groups in plan.banks]
+    _check_shapes(copies)
     return {
-        "store": str(out), "sources": [str(s.path.resolve()) for s in stores], "deduplicated": duplicates, "routing": routing,
+        "sources": [str(s.path.resolve()) for s in plan.stores], "deduplicated": plan.duplicates, "routing": plan.routing,
         "banks": [{"bank": copy.path.name, "task": copy.name, "from": str(bank.path.resolve()), "routing_groups": groups}
-                  for (bank, copy), (*_, groups) in zip(copies, plan)],
-    } | pruning
+                  for (bank, copy), (*_, groups) in zip(copies, plan.banks)],
+    }
 
 
 def check_mergeable(first: MemoryStore, other: MemoryStore) -> None:
@@ -81,7 +81,7 @@ def check_mergeable(first: MemoryStore, other: MemoryStore) -> None:
             )
 
 
-def merge_plan(stores: list[MemoryStore], tasks: list[str] | None) -> tuple[list[Planned], int]:
+def _banks_to_copy(stores: list[MemoryStore], tasks: list[str] | None) -> tuple[list[Planned], int]:
     """The banks to copy, each with its name in the merged store and routing groups, and how many were left out as duplicates.
 
     A bank whose weights hash equals an earlier one's is stored once, in the
@@ -122,11 +122,6 @@ def free_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def merged_config(first: StoreConfig, routing: str) -> StoreConfig:
-    return replace(first, adapter=replace(first.adapter, routing=routing), tool_version=__version__,
-                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-
 # A merged store's banks come from separate sequences, so they form no prefix a task could be routed to.
 MERGE_ROUTINGS = ("token", "source")
 
@@ -151,20 +146,6 @@ def _picked(stores: list[MemoryStore], tasks: list[str] | None) -> list[tuple[Me
     if unknown:
         raise MoramError(f"--tasks: no bank of task {unknown[0]!r} in the source stores; available: {', '.join(available) or 'none'}")
     return [(store, bank) for store, bank in banks if bank.name in tasks]
-
-
-def _prune_inputs(below: float | None, data: Path | None, eval_data: Path | None) -> tuple[list[Example] | None, tuple[Path, list[Example]] | None]:
-    """The calibration examples and the (file, examples) to evaluate for --prune-below, read before any work."""
-    if below is None:
-        if data is not None or eval_data is not None:
-            raise MoramError("--data and --eval-data go with --prune-below; to evaluate a merged store run: moram eval OUT --data FILE")
-        return None, None
-    if not 0 < below < 1:
-        raise MoramError(f"--prune-below {below} is out of range; give a share of a module's gate mass between 0 and 1, e.g. 0.01")
-    if data is None:
-        raise MoramError("--prune-below needs --data: the calibration examples on which each rank's share of gate mass is measured")
-    evaluation = (eval_data, read_examples(eval_data, allow_text=False)) if eval_data is not None else None
-    return read_examples(data), evaluation
 
 
 def _copy(merged: MemoryStore, store: MemoryStore, bank: Bank, name: str, groups: list[int] | None) -> Bank:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
+from moram_cli.safe_text import one_line
 from moram_cli.store.bank import META_FILE, MISSING_GROUPS, MISSING_PROTOTYPES, Bank, BankArrays, is_bank_dir, routing_groups
 from moram_cli.store.lock import lock_message
 from moram_cli.store.store import BANKS_DIR, RESUME_PREFIX, STAGING_DIR, MemoryStore

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
+from moram_cli.safe_text import one_line
 
 
 def read_yaml(path: Path, what: str, fix: str = "restore it from a backup") -> dict:

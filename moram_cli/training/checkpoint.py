@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from moram_cli import __version__
-from moram_cli.data.jsonl import one_line
 from moram_cli.errors import MoramError
+from moram_cli.safe_text import one_line
 from moram_cli.store import Bank, MemoryStore, TrainingSettings
 from moram_cli.store.store import RESUME_PREFIX, STAGING_DIR
 from moram_cli.store.yamlio import read_yaml, write_yaml

@@ -17,7 +17,7 @@ from moram_cli.data.jsonl import read_examples
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.continual import accuracy_row, measure_before_learning
 from moram_cli.evaluation.evaluate import evaluate_examples
-from moram_cli.models.fingerprint import sha256_file
+from moram_cli.hashing import sha256_file
 from moram_cli.models.memory import bank_prototypes, build_memory_model, route_by_task
 from moram_cli.store import MemoryStore, TrainingSettings
 from moram_cli.store.bank import BankTensors, check_task_name

@@ -9,10 +9,10 @@ import torch
 
 from moram_cli.data.jsonl import Example
 from moram_cli.evaluation.evaluate import evaluate_examples
+from moram_cli.hashing import sha256_file
 from moram_cli.inspection.gates import check_gated, collect_gates
-from moram_cli.models.fingerprint import sha256_file
-from moram_cli.models.memory import build_memory_model
-from moram_cli.store.bank import stack_banks, write_bank
+from moram_cli.models.memory import build_memory_model, rank_counts, stack_banks
+from moram_cli.store.bank import write_bank
 from moram_cli.store.store import MemoryStore
 
 
@@ -47,7 +47,8 @@ def prune_store(
     stats = collect_gates(model, tokenizer, examples, settings.batch_size, settings.max_length)
     note = {"below": below, "data": str(data), "data_sha256": sha256_file(data)}
     dropped = _drop_ranks(store, {module: kept_ranks(totals.mass, below) for module, totals in stats.items()}, note)
-    model.set_memory(stack_banks([bank.tensors() for bank in store.banks()]))
+    pruned = [bank.tensors() for bank in store.banks()]
+    model.set_memory(stack_banks(pruned), rank_counts(pruned))
     result = {"below": below, "data": str(data), "ranks_before": sum(s.mass.numel() for s in stats.values()),
               "ranks_dropped": sum(dropped.values()), "dropped_per_bank": dropped}
     if evaluation is not None:
