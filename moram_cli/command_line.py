@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import typer
+# Typer's own copy of click (typer 0.29 is pinned in pyproject.toml): its usage errors are of these classes.
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 

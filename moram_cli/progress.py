@@ -24,6 +24,8 @@ EVERY_SECONDS = 60.0
 
 @dataclass
 class _Phase:
+    """One `add_task` of a `LineProgress`: how far it is, and when it last printed."""
+
     description: str
     total: float
     completed: float

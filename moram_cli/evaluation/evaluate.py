@@ -9,8 +9,8 @@ from pathlib import Path
 from moram_cli.data.encode import check_context, split_example
 from moram_cli.data.jsonl import Example, one_line, read_examples
 from moram_cli.errors import MoramError
-from moram_cli.store import MemoryStore
 from moram_cli.progress import phase_progress
+from moram_cli.store import MemoryStore
 
 SCORINGS = ("auto", "choice", "generate")
 MAX_LABELS = 50

@@ -9,8 +9,8 @@ from moram_cli.data.jsonl import read_examples
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.scoring import generate_batch
 from moram_cli.models.memory import build_memory_model
-from moram_cli.store import MemoryStore
 from moram_cli.progress import phase_progress
+from moram_cli.store import MemoryStore
 
 
 def generate_completions(
