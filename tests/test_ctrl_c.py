@@ -43,7 +43,7 @@ def test_ctrl_c_before_training_says_so_in_one_line(tmp_path, tiny_model_dir, ti
     before = [snapshot(store) for store in stores]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     children = [subprocess.Popen([sys.executable, "-c", CHILD, "learn-task", str(store), "--data", str(tiny_task.train),
-                                  "--epochs", "50", "--checkpoint-every", "0"],
+                                  "--epochs", "50", "--checkpoint-every", "0", "--json"],  # --json: no progress lines
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for store in stores]
     for child, delay in zip(children, DELAYS):
         assert child.stdout.readline() == "ready\n"
