@@ -1,3 +1,3 @@
-from moram_cli.cli import main
+from moram_cli.entry import main
 
 main()

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from moram_cli import __version__
-from moram_cli.errors import GateViolation, MoramError, report_failure
+from moram_cli.command_line import MoramCommand, MoramGroup, fail
+from moram_cli.command_signals import signals_as_interrupt
+from moram_cli.entry import INTERRUPTED, work_done
+from moram_cli.errors import GateViolation, MoramError
 from moram_cli.reporting import console, eval_tables, learn_table
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=MoramGroup,
 )
 
 StoreArg = Annotated[Path, typer.Argument(help="The memory store directory.", show_default=False)]
@@ -37,45 +38,17 @@ def run(command: Callable[..., dict], *args, **kwargs) -> dict:
     """Run a command function; a MoramError becomes one line on stderr and exit code 2, a GateViolation exit code 1."""
     _quiet_libraries()
     try:
-        with terminate_as_interrupt():
-            return command(*args, **kwargs)
+        with signals_as_interrupt():
+            result = command(*args, **kwargs)
     except MoramError as err:
         fail(f"error: {err}", MoramError.exit_code)
     except GateViolation as err:
         fail(f"gate failed: {err}", GateViolation.exit_code)
     except KeyboardInterrupt as interrupt:
         # learn-task's message (if any) says where its resume data is.
-        fail("; ".join(["interrupted; the store is unchanged", *map(str, interrupt.args)]), 130)
-
-
-def fail(message: str, code: int) -> NoReturn:
-    """Print the one-line message (under `--launch`, the launcher prints it once for all processes) and exit with `code`."""
-    if not report_failure(message, code):
-        typer.echo(message, err=True)
-    raise typer.Exit(code) from None
-
-
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt inside the block, as Ctrl-C does.
-
-    Its default action ends the process on the spot, skipping the `finally`
-    blocks that release the store's lock and remove half-written files, so a
-    scheduler's kill during model loading would leave a stale lock. Training
-    installs its own handler (finish the step, save, stop) over this one.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt
+        fail("; ".join([INTERRUPTED, *map(str, interrupt.args)]), 130)
+    work_done()
+    return result
 
 
 def _quiet_libraries() -> None:
@@ -111,7 +84,7 @@ def main_options(
     """Continual learning for language models with incremental rank-1 associative memory experts."""
 
 
-@app.command()
+@app.command(cls=MoramCommand)
 def init(
     store: StoreArg,
     base_model: Annotated[Optional[str], typer.Option(help="Hugging Face hub id, local model directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")] = None,
@@ -149,7 +122,7 @@ def init(
         console.print(f"created store [bold]{store}[/] on {bm['kind']} model {bm['source']} ({bm['fingerprint'][:12]})")
 
 
-@app.command("learn-task")
+@app.command("learn-task", cls=MoramCommand)
 def learn_task_command(
     store: StoreArg,
     data: Annotated[Path, typer.Option(help="Training data, JSONL: {prompt, completion}, {messages} or {text} per line.", show_default=False)],
@@ -197,7 +170,7 @@ def learn_task_command(
         emit(result, as_json, learn_table)
 
 
-@app.command("eval")
+@app.command("eval", cls=MoramCommand)
 def eval_command(
     store: StoreArg,
     data: Annotated[Optional[Path], typer.Option(help="Test data, JSONL with {prompt, completion} or {messages} per line.", show_default=False)] = None,
@@ -235,7 +208,7 @@ def eval_command(
     run(check_gates, result, min_accuracy, max_forgetting)
 
 
-@app.command()
+@app.command(cls=MoramCommand)
 def verify(store: StoreArg, as_json: JsonOpt = False) -> None:
     """Check a store's files without loading a model.
 
@@ -255,7 +228,7 @@ def verify(store: StoreArg, as_json: JsonOpt = False) -> None:
     run(require_healthy, result)
 
 
-@app.command("inspect-ranks")
+@app.command("inspect-ranks", cls=MoramCommand)
 def inspect_ranks_command(
     store: StoreArg,
     data: Annotated[Optional[Path], typer.Option(help="JSONL examples to run the store on: reports how the gate uses each rank (loads the model).")] = None,
@@ -280,7 +253,7 @@ def inspect_ranks_command(
     emit(result, as_json, inspect_tables)
 
 
-@app.command()
+@app.command(cls=MoramCommand)
 def merge(
     out: Annotated[Path, typer.Argument(help="The new store to write (must not exist, or be an empty directory).", show_default=False)],
     sources: Annotated[list[Path], typer.Argument(help="The stores to merge, in order; they are only read.", show_default=False)],
@@ -311,7 +284,7 @@ def merge(
     emit(result, as_json, merge_table)
 
 
-@app.command("generate")
+@app.command("generate", cls=MoramCommand)
 def generate_command(
     store: StoreArg,
     prompt: Annotated[Optional[str], typer.Option(help="Text to continue, as given (no chat template is applied).", show_default=False)] = None,
@@ -338,7 +311,7 @@ def generate_command(
     emit(result, as_json, generate_table)
 
 
-@app.command()
+@app.command(cls=MoramCommand)
 def demo(
     store: Annotated[Path, typer.Argument(help="Where to create the demo store (must not exist).")] = Path("demo-store"),
     as_json: JsonOpt = False,
@@ -353,11 +326,3 @@ def demo(
     result = run(run_demo, store, show_progress=not as_json)
     if as_json:
         emit(result, True, None)
-
-
-def main() -> None:
-    app(prog_name="moram")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -149,6 +149,15 @@ def test_help_texts_describe_every_command():
         assert all(w in text for w in words), command
 
 
+@pytest.mark.parametrize("command", [None, "init", "learn-task", "eval", "verify", "inspect-ranks", "merge", "generate", "demo"])
+def test_help_shows_flags_bare_and_arguments_in_capitals(command):
+    """Typer's help showed `--json <bool>` and `Usage: moram eval [OPTIONS] {store}`."""
+    text = moram(*filter(None, [command]), "--help").output
+    usage = next(line for line in text.splitlines() if "Usage:" in line)
+    assert "<bool>" not in text and "{" not in usage, text
+    assert command not in ("eval", "merge") or {"eval": "STORE", "merge": "OUT SOURCES..."}[command] in usage
+
+
 def test_a_loaded_store_runs_in_inference_mode_so_the_threshold_applies(trained):
     from moram_cli.models.memory import build_memory_model
     from moram_cli.store import MemoryStore

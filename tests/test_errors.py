@@ -266,3 +266,21 @@ def test_hub_lookups_never_run_model_code_unasked(tmp_path, monkeypatch):
     fails_cleanly(["init", tmp_path / "s", "--base-model", "org/custom"], expect="runs only with --trust-remote-code")
     fails_cleanly(["init", tmp_path / "s", "--base-model", "org/custom", "--trust-remote-code"])
     assert asked == [False, True]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["eval"], "error: missing argument 'STORE'; see 'moram eval --help'"),
+    (["eval", "store", "--bogus"], "error: no such option: --bogus; see 'moram eval --help'"),
+    (["eval", "store", "--limit", "many"], "error: invalid value for '--limit'"),
+    (["merge", "out"], "error: missing argument 'SOURCES...'; see 'moram merge --help'"),
+    (["evaluate"], "error: no such command 'evaluate'"),
+    (["--bogus"], "error: no such option: --bogus; see 'moram --help'"),
+])
+def test_usage_errors_are_one_line(args, expect):
+    """Typer printed a usage error as a boxed block under the usage line."""
+    assert fails_cleanly(args).startswith(expect)
+
+
+def test_moram_alone_still_prints_the_help():
+    result = runner.invoke(app, [])
+    assert "Usage: moram [OPTIONS] COMMAND" in result.stdout and "error" not in result.output

@@ -242,7 +242,7 @@ def test_the_store_survives_sigkill_at_20_instants_and_resumes_to_the_same_bank(
 if __name__ == "__main__":
     # The child process: pause at the named point, then be learn-task.
     _install_pause(sys.argv[1], Path(sys.argv[2]))
-    from moram_cli.cli import main
+    from moram_cli.entry import main
 
     sys.argv = ["moram", *sys.argv[3:]]
     main()

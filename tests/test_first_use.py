@@ -124,3 +124,15 @@ def test_invalid_yaml_says_where_and_what(tmp_path, tiny_model_dir):
     recipe.write_text("adapter:\n  r: 4\n k: 2\n")
     message = fails_cleanly(["init", tmp_path / "s", "--base-model", tiny_model_dir, "--recipe", recipe], expect=f"{recipe}: recipe is corrupt")
     assert "(line 3, column 2: expected <block end>, but found '<block mapping start>', while parsing a block mapping from line 1)" in message
+
+
+def test_the_gguf_conversion_draws_no_raw_bar(capsys):
+    """transformers' GGUF reader drew its own tqdm bar into the output of the first command to load the embedded model."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    from moram_cli.models.loading import gguf_reader_without_bar
+
+    bar = reader.tqdm
+    with gguf_reader_without_bar():
+        assert list(reader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+    assert capsys.readouterr().err == "" and reader.tqdm is bar

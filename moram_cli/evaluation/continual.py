@@ -23,7 +23,7 @@ CL_KEY = "cl"
 
 
 def measure_before_learning(
-    store: MemoryStore, model, tokenizer, eval_data: Path | None, examples: list[Example] | None, max_length: int
+    store: MemoryStore, model, tokenizer, eval_data: Path | None, examples: list[Example] | None, max_length: int, show_progress: bool
 ) -> dict | None:
     """A new task's test accuracy before it is learned: on the store as it stands (R[j-1][j]) and on the bare base model.
 
@@ -35,18 +35,20 @@ def measure_before_learning(
     # Scoring is imported where a model is at hand: `eval --suite cl` imports this module and reads records only.
     from moram_cli.evaluation.evaluate import evaluate_examples
 
-    before = evaluate_examples(model, tokenizer, examples, eval_data, max_length=max_length)["accuracy"]
+    before = evaluate_examples(model, tokenizer, examples, eval_data, max_length=max_length, show_progress=show_progress,
+                               label="eval before learning")["accuracy"]
     if not store.banks():
         return {"before": before, "zero_shot": before}
     model.disable_adapter_layers()
     try:
-        zero_shot = evaluate_examples(model, tokenizer, examples, eval_data, max_length=max_length)["accuracy"]
+        zero_shot = evaluate_examples(model, tokenizer, examples, eval_data, max_length=max_length, show_progress=show_progress,
+                                      label="eval of the base model")["accuracy"]
     finally:
         model.enable_adapter_layers()
     return {"before": before, "zero_shot": zero_shot}
 
 
-def accuracy_row(store: MemoryStore, model, tokenizer, summary: dict, baseline: dict, max_length: int) -> dict:
+def accuracy_row(store: MemoryStore, model, tokenizer, summary: dict, baseline: dict, max_length: int, show_progress: bool) -> dict:
     """The new bank's `cl` entry (plus `warnings`), from the model just trained and scored on its own test set (`summary["eval"]`).
 
     Earlier recorded tasks are scored again with their recorded scoring; a
@@ -56,7 +58,7 @@ def accuracy_row(store: MemoryStore, model, tokenizer, summary: dict, baseline: 
     for bank in store.banks():
         test = bank.metadata().get(CL_KEY, {}).get("test")
         if test:
-            row[bank.name], problem = _rescore(bank, test, model, tokenizer, max_length)
+            row[bank.name], problem = _rescore(bank, test, model, tokenizer, max_length, show_progress)
             warnings += [problem] if problem else []
     own = summary["eval"]
     row[summary["task"]] = own["accuracy"]
@@ -64,7 +66,7 @@ def accuracy_row(store: MemoryStore, model, tokenizer, summary: dict, baseline: 
     return {CL_KEY: {"test": test, **baseline, "row": row}} | ({"warnings": warnings} if warnings else {})
 
 
-def _rescore(bank: Bank, test: dict, model, tokenizer, max_length: int) -> tuple[float | None, str | None]:
+def _rescore(bank: Bank, test: dict, model, tokenizer, max_length: int, show_progress: bool) -> tuple[float | None, str | None]:
     path = Path(test["data"])
     problem = "is gone" if not path.is_file() else "has changed since the task was learned" if sha256_file(path) != test["data_sha256"] else None
     if problem:
@@ -73,7 +75,8 @@ def _rescore(bank: Bank, test: dict, model, tokenizer, max_length: int) -> tuple
         return None, message
     from moram_cli.evaluation.evaluate import evaluate_examples  # as in measure_before_learning
 
-    result = evaluate_examples(model, tokenizer, read_examples(path, allow_text=False), path, test["scoring"], max_length)
+    result = evaluate_examples(model, tokenizer, read_examples(path, allow_text=False), path, test["scoring"], max_length, show_progress,
+                               label=f"eval of earlier task {bank.name}")
     return result["accuracy"], None
 
 

@@ -6,11 +6,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from rich.progress import Progress
-
 from moram_cli.data.encode import check_context, split_example
 from moram_cli.data.jsonl import Example, read_examples
 from moram_cli.errors import MoramError
+from moram_cli.progress import phase_progress
 from moram_cli.safe_text import one_line
 from moram_cli.store import MemoryStore
 
@@ -59,9 +58,13 @@ def declared_labels(path: Path, examples: list[Example], completions: list[str])
 
 
 def evaluate_examples(
-    model, tokenizer, examples: list[Example], data: Path, scoring: str = "auto", max_length: int = 512, show_progress: bool = False
+    model, tokenizer, examples: list[Example], data: Path, scoring: str = "auto", max_length: int = 512, show_progress: bool = False,
+    label: str = "eval",
 ) -> dict:
-    """Accuracy of `model` on `examples`: ranked choice over the label set, or exact match of greedy generation."""
+    """Accuracy of `model` on `examples`: ranked choice over the label set, or exact match of greedy generation.
+
+    The progress reads `{label} on {folder}/{file} ({scoring})`: learn-task runs several evaluations in a row.
+    """
     from moram_cli.evaluation.scoring import choose, generate_batch  # torch: imported once a model is built (see evaluate_store)
 
     check_context(tokenizer, max_length)
@@ -72,8 +75,8 @@ def evaluate_examples(
     max_new = max(len(tokenizer(split_example(ex, tokenizer)[1]).input_ids) for ex in examples) + 4
     pairs = [split_example(ex, tokenizer) for ex in examples]
     correct = cut = 0
-    with Progress(transient=True, disable=not show_progress) as progress:
-        task = progress.add_task(f"evaluating ({used})", total=len(pairs))
+    with phase_progress(show_progress, transient=True) as progress:
+        task = progress.add_task(f"{label} on {data.parent.name}/{data.name} ({used})", total=len(pairs))
         # Generation decodes a batch at once (a greedy step costs about what a whole batch's costs); ranked choice
         # already batches each example's candidates.
         step = 1 if labels is not None else GENERATE_BATCH

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import Progress
-
 from moram_cli.data.encode import check_context, split_example
 from moram_cli.data.jsonl import read_examples
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.scoring import generate_batch
 from moram_cli.models.memory import build_memory_model
+from moram_cli.progress import phase_progress
 from moram_cli.store import MemoryStore
 
 
@@ -63,7 +61,7 @@ def generate_in_batches(
 ) -> list[tuple[str, bool]]:
     """`generate_batch` over `prompts`, `batch_size` at a time, in order; the bar goes to stderr, away from the results."""
     outputs: list[tuple[str, bool]] = []
-    with Progress(transient=True, console=Console(stderr=True), disable=not show_progress) as progress:
+    with phase_progress(show_progress, transient=True) as progress:
         task = progress.add_task("generating", total=len(prompts))
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,9 +64,11 @@ def converted_gguf(gguf: Path, fingerprint: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    print(f"converting {gguf.name} into {target} (once, ~20 s)", file=sys.stderr, flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with gguf_reader_without_bar():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model keeps its quantizer, which makes it unsaveable and untrainable.
         model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(staging)
@@ -72,3 +78,20 @@ def converted_gguf(gguf: Path, fingerprint: str) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+@contextmanager
+def gguf_reader_without_bar() -> Iterator[None]:
+    """transformers' GGUF reader draws a tqdm bar of its own, deaf to transformers' progress-bar switch.
+
+    It went to stderr raw, in the middle of moram's output, and into logs as a
+    line of carriage returns; the message before the conversion says what runs.
+    """
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    reader.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar

@@ -20,7 +20,7 @@ from moram_cli.data.encode import Encoded
 from moram_cli.models.token_passes import masked_passes
 from moram_cli.store import MemoryStore
 from moram_cli.training.distributed import main_value, whole_model
-from moram_cli.training.progress import phase_progress
+from moram_cli.progress import phase_progress
 from moram_cli.tuner import MoramModel
 from moram_cli.tuner.keys import InputMoments, data_keys
 

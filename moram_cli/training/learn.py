@@ -144,8 +144,10 @@ def _learn(
     started = time.time()
     torch.manual_seed(settings.seed)
     model, tokenizer = build_memory_model(store, trust_remote_code=trust_remote_code)
+    # Every process evaluates (see below); one shows the progress.
+    show_eval = show_progress and accelerator.is_main_process
     with whole_model(accelerator, model):
-        baseline = measure_before_learning(store, model, tokenizer, eval_data, eval_examples, settings.max_length)
+        baseline = measure_before_learning(store, model, tokenizer, eval_data, eval_examples, settings.max_length, show_eval)
     encoded, n_cut = encode_dataset(examples, tokenizer, settings.max_length)
     params = _new_ranks(store, model, encoded, tokenizer.pad_token_id, settings, accelerator, show_progress)
     routed = store.config.adapter.routing == "task"
@@ -168,9 +170,10 @@ def _learn(
     if eval_examples is not None:
         # Every process evaluates: under ZeRO-3 each forward pass needs all of them (each holds a shard of the weights).
         model.eval()
-        result = evaluate_examples(model, tokenizer, eval_examples, eval_data, max_length=settings.max_length)
+        result = evaluate_examples(model, tokenizer, eval_examples, eval_data, max_length=settings.max_length, show_progress=show_eval,
+                                   label="eval after learning")
         summary["eval"] = {"data": str(eval_data), "data_sha256": sha256_file(eval_data), **result}
-        summary |= accuracy_row(store, model, tokenizer, summary, baseline, settings.max_length)
+        summary |= accuracy_row(store, model, tokenizer, summary, baseline, settings.max_length, show_eval)
     summary |= {"wall_seconds": round(time.time() - started, 1), "tool_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     ranks = gathered_ranks(accelerator, loop.model, params)

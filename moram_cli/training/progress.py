@@ -1,12 +1,16 @@
-"""The live training display: a rich progress bar with loss, tokens/s and ETA (on stderr)."""
+"""The training display on stderr: a rich bar with loss, tokens/s and ETA in a terminal, plain lines in a log."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
 )
 from rich.text import Text
+
+from moram_cli.progress import LineProgress, stderr_is_terminal
 
 
 class LossColumn(ProgressColumn):
@@ -20,8 +24,10 @@ class LossColumn(ProgressColumn):
         return Text("loss –" if loss is None else f"loss {loss:.4f}")
 
 
-def training_progress(enabled: bool) -> Progress:
+def training_progress(enabled: bool) -> Progress | LineProgress:
     """A progress display; disabled ones accept the same calls and print nothing."""
+    if enabled and not stderr_is_terminal():
+        return LineProgress(_training_fields)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -36,7 +42,5 @@ def training_progress(enabled: bool) -> Progress:
     )
 
 
-def phase_progress(enabled: bool) -> Progress:
-    """A plain bar for a phase before training (e.g. the data pass of `data` keys), on stderr."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled)
+def _training_fields(fields: dict[str, Any]) -> str:
+    return f"loss {fields['loss']:.4f}, {fields['tps']:,.0f} tok/s"  # a line follows a step: the loss is known
