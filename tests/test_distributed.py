@@ -29,7 +29,7 @@ from moram_cli.errors import STATUS_ENV, MoramError
 from moram_cli.store import MemoryStore
 from moram_cli.store.bank import flatten
 from moram_cli.store.init import init_store
-from moram_cli.training.launch import RECIPES_DIR, launch_argv, relaunch, shipped_recipes
+from moram_cli.training.launch import RECIPES_DIR, launch_argv, launch_config, relaunch, shipped_recipes
 from moram_cli.training.learn import learn_task
 from moram_cli.training.loop import Stopped
 
@@ -226,20 +226,24 @@ def test_zero3_gathers_the_sharded_ranks_before_writing_the_bank(new_store, tiny
     assert second.metadata()["cl"]["row"].keys() == {"u"}
 
 
-def test_launch_argv_is_accelerate_launch_of_the_same_command():
+def test_launch_argv_is_accelerate_launch_of_the_same_command_on_a_free_port():
     args = ["learn-task", "s", "--data", "d.jsonl", "--launch", "cpu-ddp", "--num-processes", "2", "--launch=x", "--json"]
-    assert launch_argv(args, "cpu-ddp", 2) == [
-        sys.executable, "-m", "moram_cli.training.launch", "--config_file", str(RECIPES_DIR / "cpu-ddp.yaml"),
-        "--num_processes", "2", "-m", "moram_cli", "learn-task", "s", "--data", "d.jsonl", "--json"]
+    recipe = RECIPES_DIR / "cpu-ddp.yaml"
+    assert launch_argv(args, recipe, yaml.safe_load(recipe.read_text()), 2) == [
+        sys.executable, "-m", "moram_cli.training.launch", "--config_file", str(recipe),
+        "--num_processes", "2", "--main_process_port", "0", "-m", "moram_cli", "learn-task", "s", "--data", "d.jsonl", "--json"]
+    # A port the config names is kept, and machines of one run must agree on theirs.
+    assert "--main_process_port" not in launch_argv(args, recipe, {"main_process_port": 29600}, 2)
+    assert "--main_process_port" not in launch_argv(args, recipe, {"num_machines": 2}, 2)
 
 
 def test_launch_takes_a_config_file_and_names_the_recipes_it_ships(tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
-    assert launch_argv(["learn-task"], str(config), None)[3:5] == ["--config_file", str(config)]
+    assert launch_config(str(config)) == config
     assert shipped_recipes() == ["cpu-ddp", "ddp", "zero2", "zero3"]
     with pytest.raises(MoramError, match="^--launch nope: no such launch recipe or file; the shipped recipes are cpu-ddp, ddp, zero2, zero3$"):
-        launch_argv(["learn-task"], "nope", None)
+        launch_config("nope")
 
 
 @pytest.mark.parametrize("recipe", ["cpu-ddp", "ddp", "zero2", "zero3"])

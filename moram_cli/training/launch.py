@@ -55,12 +55,25 @@ def without_launch_options(args: list[str]) -> list[str]:
     return kept
 
 
-def launch_argv(args: list[str], recipe: str, num_processes: int | None) -> list[str]:
+def launch_argv(args: list[str], config_file: Path, config: dict, num_processes: int | None) -> list[str]:
     """The `accelerate launch` command line (through `quiet_launch`) that runs `moram <args>` on every process."""
-    argv = [sys.executable, "-m", "moram_cli.training.launch", "--config_file", str(launch_config(recipe))]
+    argv = [sys.executable, "-m", "moram_cli.training.launch", "--config_file", str(config_file)]
     if num_processes is not None:
         argv += ["--num_processes", str(num_processes)]
+    if "main_process_port" not in config and config.get("num_machines", 1) == 1:
+        # Port 0: accelerate picks a free one. On its fixed default, 29500, a second launch on the machine
+        # warns and moves, or fails when both start at once.
+        argv += ["--main_process_port", "0"]
     return [*argv, "-m", "moram_cli", *without_launch_options(args)]
+
+
+def launch_env(config: dict) -> dict[str, str]:
+    """The launcher's environment: a fresh report folder for the processes' failures, and the config's use_cpu."""
+    env = os.environ | {STATUS_ENV: tempfile.mkdtemp(prefix="moram-launch-")}
+    if config.get("use_cpu"):
+        # accelerate does not pass a config's use_cpu on to multi-process launches; the processes read this instead.
+        env["ACCELERATE_USE_CPU"] = "1"
+    return env
 
 
 def relaunch(args: list[str], recipe: str | None, num_processes: int | None, check: Callable[[int], None]) -> NoReturn:
@@ -70,16 +83,13 @@ def relaunch(args: list[str], recipe: str | None, num_processes: int | None, che
     """
     if recipe is None:
         raise MoramError("--num-processes needs --launch NAME|FILE (a launch recipe or an accelerate config file)")
-    config = read_yaml(launch_config(recipe), "launch config", "pass an accelerate config file, or a shipped recipe by name")
+    config_file = launch_config(recipe)
+    config = read_yaml(config_file, "launch config", "pass an accelerate config file, or a shipped recipe by name")
     processes = config.get("num_processes", 1) if num_processes is None else num_processes
     if not isinstance(processes, int) or processes < 1:
         raise MoramError(f"--launch {recipe}: the process count is left open or below 1; pass --num-processes N (one per GPU)")
     check(processes)
-    env = os.environ | {STATUS_ENV: tempfile.mkdtemp(prefix="moram-launch-")}
-    if config.get("use_cpu"):
-        # accelerate does not pass a config's use_cpu on to multi-process launches; the processes read this instead.
-        env["ACCELERATE_USE_CPU"] = "1"
-    argv = launch_argv(args, recipe, num_processes)
+    argv, env = launch_argv(args, config_file, config, num_processes), launch_env(config)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
