@@ -16,7 +16,7 @@ from moram_cli import __version__
 from moram_cli.command_line import MoramCommand, MoramGroup, fail
 from moram_cli.command_signals import signals_as_interrupt
 from moram_cli.entry import INTERRUPTED, work_done
-from moram_cli.errors import GateViolation, MoramError
+from moram_cli.errors import FollowsAnotherProcess, GateViolation, MoramError
 from moram_cli.reporting import console, eval_tables, learn_table
 
 app = typer.Typer(
@@ -41,12 +41,13 @@ def run(command: Callable[..., dict], *args, **kwargs) -> dict:
         with signals_as_interrupt():
             result = command(*args, **kwargs)
     except MoramError as err:
-        fail(f"error: {err}", MoramError.exit_code)
+        fail(f"error: {err}", MoramError.exit_code, follows=isinstance(err, FollowsAnotherProcess))
     except GateViolation as err:
         fail(f"gate failed: {err}", GateViolation.exit_code)
     except KeyboardInterrupt as interrupt:
-        # learn-task's message (if any) says where its resume data is.
-        fail("; ".join([INTERRUPTED, *map(str, interrupt.args)]), 130)
+        # learn-task's message (if any) says where its resume data is. Under --launch this is also torchrun
+        # stopping the others after one process failed, whose message is then the one to print.
+        fail("; ".join([INTERRUPTED, *map(str, interrupt.args)]), 130, follows=True)
     work_done()
     return result
 
@@ -142,6 +143,7 @@ def learn_task_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue this task's interrupted run from its last checkpoint, with its settings; clears the lock it left when its process is gone from this machine.")] = False,
     launch: Annotated[Optional[str], typer.Option(help="Run on several processes through accelerate launch: a shipped recipe (cpu-ddp, ddp, zero2, zero3) or an accelerate config file.")] = None,
     num_processes: Annotated[Optional[int], typer.Option(help="With --launch: how many processes (one per GPU). Default: the recipe's.")] = None,
+    collective_timeout: Annotated[Optional[float], typer.Option(help="With several processes: seconds one waits for the others at a collective operation (a broadcast, a gradient reduction) before the run stops with an error instead of hanging. Default: 1800, room for one process loading a large model far behind the others.", show_default=False)] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Test set of this task: evaluated after training and recorded in the bank.")] = None,
     break_lock: Annotated[bool, typer.Option("--break-lock", help="First clear a lock left by a learn-task that was killed or crashed (one still running on this machine is never broken).")] = False,
     trust_remote_code: TrustOpt = False,
@@ -160,7 +162,8 @@ def learn_task_command(
     options = dict(name=name, eval_data=eval_data, break_lock=break_lock, resume=resume, trust_remote_code=trust_remote_code,
                    epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed, lr_schedule=lr_schedule,
                    grad_accum=grad_accum, precision=precision, gradient_checkpointing=gradient_checkpointing,
-                   max_steps=max_steps, checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm)
+                   max_steps=max_steps, checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm,
+                   collective_timeout=collective_timeout)
     if launch is not None or num_processes is not None:
         from moram_cli.training.launch import relaunch
 

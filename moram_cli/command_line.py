@@ -20,9 +20,10 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from moram_cli.errors import report_failure
 
 
-def fail(message: str, code: int) -> NoReturn:
-    """Print the one-line message (under `--launch`, the launcher prints it once for all processes) and exit with `code`."""
-    if not report_failure(message, code):
+def fail(message: str, code: int, follows: bool = False) -> NoReturn:
+    """Print the one-line message (under `--launch`, the launcher prints one for all processes: `follows` marks a
+    failure that only follows another process's) and exit with `code`."""
+    if not report_failure(message, code, follows):
         typer.echo(message, err=True)
     raise typer.Exit(code) from None
 

@@ -21,17 +21,24 @@ class MoramError(Exception):
     exit_code = 2
 
 
+class FollowsAnotherProcess(MoramError):
+    """A failure that only follows another process's (it ended, or gave up waiting): a launch reports that one instead."""
+
+
 class GateViolation(Exception):
     """A measured result missed a gate the user set: `str(err)` is the one-line reason."""
 
     exit_code = 1
 
 
-def report_failure(message: str, code: int) -> bool:
-    """In a launched process, leave the failure for the launcher to print once for all; False outside a launch."""
+def report_failure(message: str, code: int, follows: bool = False) -> bool:
+    """In a launched process, leave the failure for the launcher to print once for all; False outside a launch.
+
+    `follows`: this process failed only because another one did, whose report should be the one printed.
+    """
     folder = os.environ.get(STATUS_ENV)
     if folder is None:
         return False
-    report = {"message": message, "code": code}
+    report = {"message": message, "code": code, "follows": follows}
     (Path(folder) / f"process-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report), encoding="utf-8")
     return True

@@ -2,7 +2,9 @@
 
 Two processes are started with `accelerate.notebook_launcher` (forked from
 this test process, so monkeypatches apply in them); learn-task's own
-Accelerator takes them up as it would under `accelerate launch`.
+Accelerator takes them up as it would under `accelerate launch`. The
+`--launch` tests start real launches, some with one process paused at a
+point of test_fault_injection's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,14 +27,19 @@ from accelerate import PartialState, notebook_launcher
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+from typer.testing import CliRunner
 
 import moram_cli.training.key_init as key_init
 import moram_cli.training.learn as learn_module
+from conftest import snapshot
+from moram_cli.cli import app
 from moram_cli.errors import STATUS_ENV, MoramError
 from moram_cli.store import MemoryStore
 from moram_cli.store.bank import flatten
 from moram_cli.store.init import init_store
-from moram_cli.training.launch import RECIPES_DIR, launch_argv, relaunch, shipped_recipes
+from moram_cli.training.collective_timeout import process_group_kwargs
+from moram_cli.training.launch import RECIPES_DIR, launch_argv, launch_config, launch_env, launch_failure, relaunch, shipped_recipes
 from moram_cli.training.learn import learn_task
 from moram_cli.training.loop import Stopped
 
@@ -136,8 +146,8 @@ def test_learn_task_ends_its_process_group_whether_it_trains_or_refuses(new_stor
     # while the DDP model still held it deadlocked (the two-process tests here run that path).
     calls, real = [], learn_module.make_accelerator
 
-    def spied(settings):
-        accelerator = real(settings)
+    def spied(*args):
+        accelerator = real(*args)
         monkeypatch.setattr(accelerator, "free_memory", lambda: calls.append("model freed"))
         monkeypatch.setattr(accelerator, "end_training", lambda: calls.append("group ended"))
         return accelerator
@@ -226,20 +236,24 @@ def test_zero3_gathers_the_sharded_ranks_before_writing_the_bank(new_store, tiny
     assert second.metadata()["cl"]["row"].keys() == {"u"}
 
 
-def test_launch_argv_is_accelerate_launch_of_the_same_command():
+def test_launch_argv_is_accelerate_launch_of_the_same_command_on_a_free_port():
     args = ["learn-task", "s", "--data", "d.jsonl", "--launch", "cpu-ddp", "--num-processes", "2", "--launch=x", "--json"]
-    assert launch_argv(args, "cpu-ddp", 2) == [
-        sys.executable, "-m", "moram_cli.training.launch", "--config_file", str(RECIPES_DIR / "cpu-ddp.yaml"),
-        "--num_processes", "2", "-m", "moram_cli", "learn-task", "s", "--data", "d.jsonl", "--json"]
+    recipe = RECIPES_DIR / "cpu-ddp.yaml"
+    assert launch_argv(args, recipe, yaml.safe_load(recipe.read_text()), 2) == [
+        sys.executable, "-m", "moram_cli.training.launch", "--config_file", str(recipe),
+        "--num_processes", "2", "--main_process_port", "0", "-m", "moram_cli", "learn-task", "s", "--data", "d.jsonl", "--json"]
+    # A port the config names is kept, and machines of one run must agree on theirs.
+    assert "--main_process_port" not in launch_argv(args, recipe, {"main_process_port": 29600}, 2)
+    assert "--main_process_port" not in launch_argv(args, recipe, {"num_machines": 2}, 2)
 
 
 def test_launch_takes_a_config_file_and_names_the_recipes_it_ships(tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
-    assert launch_argv(["learn-task"], str(config), None)[3:5] == ["--config_file", str(config)]
+    assert launch_config(str(config)) == config
     assert shipped_recipes() == ["cpu-ddp", "ddp", "zero2", "zero3"]
     with pytest.raises(MoramError, match="^--launch nope: no such launch recipe or file; the shipped recipes are cpu-ddp, ddp, zero2, zero3$"):
-        launch_argv(["learn-task"], "nope", None)
+        launch_config("nope")
 
 
 @pytest.mark.parametrize("recipe", ["cpu-ddp", "ddp", "zero2", "zero3"])
@@ -318,3 +332,114 @@ def test_data_keys_are_identical_on_every_process(new_store, tiny_task, tmp_path
     on_two_processes(lambda: learn_task(store, tiny_task.train, name="two", show_progress=False, batch_size=8, max_steps=1))
     first, second = (load_file(tmp_path / f"keys{i}.safetensors") for i in range(2))
     assert first.keys() == second.keys() and all(torch.equal(first[m], second[m]) for m in first)
+
+
+# DeepSpeed creates its own process group, with the timeout accelerate passes it; slow: it compiles an op on its first run.
+@pytest.mark.parametrize("zero_stage", [None, pytest.param(2, marks=pytest.mark.slow)], ids=["ddp", "zero2"])
+def test_a_process_stalled_past_the_collective_timeout_ends_each_process_in_one_line(new_store, tiny_task, tmp_path, monkeypatch,
+                                                                                     request, zero_stage):
+    if zero_stage:
+        request.getfixturevalue("deepspeed_env")(zero_stage)
+    store = new_store("stalled")
+    before = snapshot(store)
+    real = learn_module.encode_dataset
+
+    def stall_the_second_process(*args):
+        # Until the first one gave up waiting for it at the next collective; a minute at most, so that a timeout
+        # that never comes fails the test instead of hanging it.
+        deadline = time.time() + 60
+        while PartialState().process_index == 1 and not (tmp_path / "failed0").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        return real(*args)
+
+    def train():
+        with pytest.raises(MoramError) as failed:
+            learn_task(store, tiny_task.train, name="t", show_progress=False, collective_timeout=3, **SETTINGS)
+        (tmp_path / f"failed{PartialState().process_index}").write_text(f"{type(failed.value).__name__}: {failed.value}")
+
+    monkeypatch.setattr(learn_module, "encode_dataset", stall_the_second_process)
+    on_two_processes(train)
+    assert (tmp_path / "failed0").read_text().startswith(
+        "MoramError: process 0 waited 3 s for the other processes at a collective operation; one of them is stuck or that far behind")
+    # The late one finds the other gone: a failure that only follows the first, which a launch does not print.
+    assert (tmp_path / "failed1").read_text() == (
+        "FollowsAnotherProcess: process 1 lost the other processes at a collective operation: one of them ended or gave up waiting")
+    assert snapshot(store) == before
+
+
+def test_collective_timeout_takes_seconds_above_zero(new_store, tiny_task):
+    store = new_store("refused")
+    done = CliRunner().invoke(app, ["learn-task", str(store), "--data", str(tiny_task.train), "--collective-timeout", "0"])
+    assert done.exit_code == 2 and done.stderr == "error: --collective-timeout 0: need a number of seconds above 0 and at most 1e+09\n"
+    assert process_group_kwargs(90).to_kwargs() == {"timeout": timedelta(seconds=90)}
+    # accelerate passes on only what differs from its defaults: a timeout equal to its 600 s must still get through.
+    assert process_group_kwargs(600).to_kwargs()["timeout"].total_seconds() == pytest.approx(600)
+
+
+def ended(exit_codes: dict[int, int]) -> dict[int, ProcessFailure]:
+    """torchrun's account of the processes that ended with an error, in the order it saw them end."""
+    return {process: ProcessFailure(local_rank=process, pid=1000 + process, exitcode=code, error_file="<N/A>")
+            for process, code in exit_codes.items()}
+
+
+def test_a_failed_launch_prints_the_one_failure_the_others_followed():
+    waited = {"message": "error: process 1 waited 3 s ...", "code": 2, "follows": False}
+    lost = {"message": "error: process 0 lost the other processes ...", "code": 2, "follows": True}
+    interrupted = {"message": "interrupted; the store is unchanged", "code": 130, "follows": True}
+    # Process 1 gave up waiting; torchrun then stopped process 0.
+    assert launch_failure(ended({1: 2, 0: 130}), {0: interrupted, 1: waited}) == (waited["message"], 2)
+    # Process 1 was killed: process 0, which lost it, only followed, even when torchrun saw it end first.
+    assert launch_failure(ended({0: 2, 1: -9}), {0: lost}) == (
+        "error: process 1 died of SIGKILL (killed, or out of memory), and the launch stopped the others; "
+        "rerun learn-task, with --resume if it saved a checkpoint", 2)
+    # A crash reports nothing: torchrun's account and the process's traceback stand.
+    assert launch_failure(ended({1: 1, 0: 2}), {0: lost}) is None
+    # Ctrl-C reaches every process, and torchrun reports no failure of its own.
+    assert launch_failure({}, {0: interrupted, 1: interrupted}) == (interrupted["message"], 130)
+
+
+FAULT_SCRIPT = Path(__file__).parent / "test_fault_injection.py"
+
+
+def launch_with_pause(store: Path, data: Path, pause: str, process: int, marker: Path, *options: str) -> subprocess.Popen:
+    """`learn-task --launch cpu-ddp` as moram launches it, but launched process `process` pauses at `pause` (one of
+    test_fault_injection's PAUSES) and writes its pid to `marker`."""
+    recipe = launch_config("cpu-ddp")
+    config = yaml.safe_load(recipe.read_text())
+    argv = launch_argv(["learn-task", str(store), "--data", str(data), "--name", "t", "--json", *options], recipe, config, None)
+    module = argv.index("moram_cli")
+    argv[module - 1 : module + 1] = [str(FAULT_SCRIPT), "--rank", str(process), pause, str(marker)]
+    return subprocess.Popen(argv, env=launch_env(config) | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow  # three Python processes start, and one waits out the 10 s timeout
+def test_a_launched_process_waiting_past_the_collective_timeout_ends_the_run_in_one_line(new_store, tiny_task, tmp_path):
+    store = new_store("stalled")
+    before = snapshot(store)
+    # The main process stalls where it writes the bank, alone, while the other waits to hear how that went.
+    launched = launch_with_pause(store, tiny_task.train, "bank: before its weights are written", 0, tmp_path / "paused",
+                                 "--collective-timeout", "10")
+    _, stderr = launched.communicate(timeout=300)
+    assert launched.returncode == 2, stderr
+    assert stderr.startswith("error: process 1 waited 10 s for the other processes at a collective operation;"), stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    # The stalled process, stopped by torchrun, removed its half-written bank and the lock.
+    assert (tmp_path / "paused").exists() and snapshot(store) == before
+
+
+@pytest.mark.slow  # three Python processes start
+def test_a_launched_process_that_is_killed_ends_the_run_in_one_line(new_store, tiny_task, tmp_path):
+    store = new_store("killed")
+    before = snapshot(store)
+    marker = tmp_path / "paused"
+    launched = launch_with_pause(store, tiny_task.train, "model loaded, encoding the data", 1, marker)
+    deadline = time.time() + 300
+    while launched.poll() is None and not (marker.exists() and marker.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    _, stderr = launched.communicate(timeout=300)
+    assert launched.returncode == 2, stderr
+    assert stderr == ("error: process 1 died of SIGKILL (killed, or out of memory), and the launch stopped the others; "
+                      "rerun learn-task, with --resume if it saved a checkpoint\n")
+    assert snapshot(store) == before

@@ -10,7 +10,8 @@ old or the new bank set and pass `verify_store`, and recovery — `--resume`
 when resume data exists, a fresh run otherwise, `--break-lock` only when
 moram asks for it — must write the bank that an uninterrupted run writes,
 byte for byte. The outcomes are printed and written to `fault_outcomes.json`
-in the test's temporary directory.
+in the test's temporary directory. test_distributed launches this file in
+place of `-m moram_cli`, with `--rank N` so that only process N pauses.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _install_pause(name: str, marker: Path) -> None:
 
 
 def _wait_for_the_kill(marker: Path) -> None:
-    marker.touch()
+    marker.write_text(str(os.getpid()))  # which process to kill, where a launch started several
     time.sleep(600)
 
 
@@ -240,9 +241,13 @@ def test_the_store_survives_sigkill_at_20_instants_and_resumes_to_the_same_bank(
 
 
 if __name__ == "__main__":
-    # The child process: pause at the named point, then be learn-task.
-    _install_pause(sys.argv[1], Path(sys.argv[2]))
+    # The child process: pause at the named point, then be learn-task. `--rank N` first: a launched
+    # process (this file in place of `-m moram_cli`) pauses only if it is process N.
+    args = sys.argv[1:]
+    rank, args = (args[1], args[2:]) if args[0] == "--rank" else (None, args)
+    if rank in (None, os.environ.get("RANK")):
+        _install_pause(args[0], Path(args[1]))
     from moram_cli.entry import main
 
-    sys.argv = ["moram", *sys.argv[3:]]
+    sys.argv = ["moram", *args[2:]]
     main()

@@ -17,12 +17,13 @@ from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, parse_flag_from_env
+from accelerate.utils import DistributedType, broadcast_object_list, parse_flag_from_env
 
 from moram_cli.errors import MoramError
 from moram_cli.store import TrainingSettings
 from moram_cli.store.bank import BankTensors
 from moram_cli.store.lock import store_lock
+from moram_cli.training.collective_timeout import process_group_kwargs
 
 T = TypeVar("T")
 
@@ -62,18 +63,20 @@ def batch_split(settings: TrainingSettings, processes: int) -> BatchSplit:
     return BatchSplit(settings.batch_size, processes, settings.grad_accum)
 
 
-def make_accelerator(settings: TrainingSettings) -> Accelerator:
-    """The run's Accelerator, set up from `accelerate launch`'s environment (DDP, DeepSpeed) and `settings`."""
+def make_accelerator(settings: TrainingSettings, collective_timeout: float) -> Accelerator:
+    """The run's Accelerator, set up from `accelerate launch`'s environment (DDP, DeepSpeed) and `settings`; a collective
+    operation that waits longer than `collective_timeout` seconds raises."""
     on_cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    handler = process_group_kwargs(collective_timeout)
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        # DeepSpeed ignores cpu=True, and would ask for NCCL where only gloo works.
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+        if on_cpu:
+            handler.backend = "gloo"  # DeepSpeed ignores cpu=True, and would ask for NCCL where only gloo works.
         with redirect_stdout(sys.stderr):  # where DeepSpeed prints the build of its CPU communication op, not into --json
-            accelerator = Accelerator(kwargs_handlers=handlers)
+            accelerator = Accelerator(kwargs_handlers=[handler])
     else:
         # Without cpu=True, processes on a CPU-only machine would not join one process group
         # (accelerate's multi-process launcher does not pass a config's use_cpu on).
-        accelerator = Accelerator(cpu=on_cpu)
+        accelerator = Accelerator(cpu=on_cpu, kwargs_handlers=[handler])
     # A launch config's gradient_accumulation_steps would otherwise win over --grad-accum.
     accelerator.gradient_accumulation_steps = settings.grad_accum
     return accelerator

@@ -26,6 +26,7 @@ from moram_cli.training.checkpoint import (
     Checkpoint, ResumeData, check_resumable, checkpoint_to_resume, finished_bank, latest_step_dir, remove_resume_data,
     resume_dir, run_identity,
 )
+from moram_cli.training.collective_timeout import checked_timeout, collective_failures
 from moram_cli.training.distributed import (
     BatchSplit, batch_split, gathered_ranks, main_process_lock, make_accelerator, on_main, resolve_precision, uses_deepspeed, whole_model,
 )
@@ -54,6 +55,7 @@ def learn_task(
     break_lock: bool = False,
     resume: bool = False,
     trust_remote_code: bool = False,
+    collective_timeout: float | None = None,
     **overrides,
 ) -> dict:
     """Train `r` new ranks per adapted module on `data` and append them to the store as a bank.
@@ -63,38 +65,44 @@ def learn_task(
     started; only the main process writes. The store's writer lock is held
     throughout; `break_lock` first clears a stale one. `resume` continues the
     task's interrupted run from its last checkpoint, with its settings, and
-    clears its lock when its process is gone from this machine. Returns the
-    summary that `--json` prints.
+    clears its lock when its process is gone from this machine. A process
+    that waits for the others at a collective operation longer than
+    `collective_timeout` seconds (None: 30 minutes) stops with a MoramError.
+    Returns the summary that `--json` prints.
     """
     store, name, checkpoint, settings = _run_plan(store_path, data, name, resume, overrides)
-    accelerator = make_accelerator(settings)
-    try:
-        if checkpoint and uses_deepspeed(accelerator):
-            raise MoramError("--resume does not work under DeepSpeed: its sharded optimiser state has no format but DeepSpeed's "
-                             "pickles, which moram never writes; rerun without --resume")
-        split = batch_split(settings, accelerator.num_processes)
-        with main_process_lock(accelerator, store.path, break_lock or (resume and stale_lock(store.path))):
-            return _learn(store, accelerator, data, name=name, eval_data=eval_data, show_progress=show_progress,
-                          trust_remote_code=trust_remote_code, settings=settings, split=split, checkpoint=checkpoint)
-    except BaseException as err:
-        # The failed run's frames hold its DDP model; its reducer must go before the process group (see below).
-        traceback.clear_frames(err.__traceback__)
-        raise
-    finally:
-        # A gloo process group left for the interpreter's exit to tear down aborts the process
-        # now and then ("terminate called without an active exception"), so it ends here. The
-        # DDP model goes first: a reducer holding the group's last reference would destroy it
-        # with the GIL held, and gloo's worker thread, waiting for the GIL, would never join.
-        accelerator.free_memory()
-        accelerator.end_training()
+    timeout = checked_timeout(collective_timeout)
+    with collective_failures(timeout):
+        accelerator = make_accelerator(settings, timeout)
+        try:
+            if checkpoint and uses_deepspeed(accelerator):
+                raise MoramError("--resume does not work under DeepSpeed: its sharded optimiser state has no format but DeepSpeed's "
+                                 "pickles, which moram never writes; rerun without --resume")
+            split = batch_split(settings, accelerator.num_processes)
+            with main_process_lock(accelerator, store.path, break_lock or (resume and stale_lock(store.path))):
+                return _learn(store, accelerator, data, name=name, eval_data=eval_data, show_progress=show_progress,
+                              trust_remote_code=trust_remote_code, settings=settings, split=split, checkpoint=checkpoint)
+        except BaseException as err:
+            # The failed run's frames hold its DDP model; its reducer must go before the process group (see below).
+            traceback.clear_frames(err.__traceback__)
+            raise
+        finally:
+            # A gloo process group left for the interpreter's exit to tear down aborts the process
+            # now and then ("terminate called without an active exception"), so it ends here. The
+            # DDP model goes first: a reducer holding the group's last reference would destroy it
+            # with the GIL held, and gloo's worker thread, waiting for the GIL, would never join.
+            accelerator.free_memory()
+            accelerator.end_training()
 
 
 def check_before_launch(
     store_path: Path, data: Path, processes: int, *, name: str | None = None, eval_data: Path | None = None,
-    break_lock: bool = False, resume: bool = False, trust_remote_code: bool = False, **overrides,
+    break_lock: bool = False, resume: bool = False, trust_remote_code: bool = False, collective_timeout: float | None = None,
+    **overrides,
 ) -> None:
     """Fail now, in one line, where `processes` launched processes would each fail at once (followed by the launcher's report)."""
     store, name, _, settings = _run_plan(store_path, data, name, resume, overrides)
+    checked_timeout(collective_timeout)
     batch_split(settings, processes)
     for path in (data, eval_data) if eval_data else (data,):
         read_examples(path, allow_text=path == data)
