@@ -157,7 +157,7 @@ def inference_figures(args: argparse.Namespace, models: Models) -> dict:
         for model in (models.moram, models.inclora):
             models.memory(model, banks)
             model.eval()
-        variants = {"bare": _disabled(models.moram, models.forward(models.moram)), "moram": _unrouted(models.moram, models.forward(models.moram)),
+        variants = {"bare": _bare(models.moram, models.forward(models.moram)), "moram": _unrouted(models.moram, models.forward(models.moram)),
                     "moram_task_routed": models.forward(models.moram), "inclora": models.forward(models.inclora)}
         times = interleaved(variants, args.rounds)
         inference[str(banks)] = {"seconds": times, "vs_bare": ratios(times, "bare")}
@@ -186,12 +186,14 @@ def _unrouted(model: MoramModel, run: Callable[[], object]) -> Callable[[], obje
     return token_routed
 
 
-def _disabled(model: MoramModel, run: Callable[[], object]) -> Callable[[], object]:
-    """`run` with the adapter layers switched off: the bare base model, through the same wrapped modules."""
+def _bare(model: MoramModel, run: Callable[[], object]) -> Callable[[], object]:
+    """`run` with the adapter layers and the router switched off: the bare base model, through the same wrapped modules
+    (a router left on would run its first pass over the bare model too)."""
     def bare() -> object:
         model.disable_adapter_layers()
         try:
-            return run()
+            with model.unrouted():
+                return run()
         finally:
             model.enable_adapter_layers()
     return bare
@@ -212,7 +214,7 @@ def eval_figures(args: argparse.Namespace, models: Models) -> dict:
 
     def scoring(kind: str) -> Callable[[], object]:
         return lambda: evaluate_examples(model, models.tokenizer, examples, args.data, kind, 512)
-    variants = {"bare_forward": _disabled(model, prompts_once), "choice": scoring("choice"), "generate": scoring("generate")}
+    variants = {"bare_forward": _bare(model, prompts_once), "choice": scoring("choice"), "generate": scoring("generate")}
     times = interleaved(variants, max(1, args.rounds // 3))
     per_second = {name: round(len(examples) / seconds, 2) for name, seconds in times.items()}
     return {"examples": len(examples), "examples_per_second": per_second, "vs_bare_forward": ratios(times, "bare_forward")}

@@ -196,14 +196,14 @@ def test_the_sparse_value_mix_gives_the_dense_products_outputs_and_gradients(tra
     dense = layer.base_layer(x) + (rank_gate(z, 4, 0.1, 0.0 if training else delta) * z) @ B.T
     weights = torch.randn_like(dense)
     expected = torch.autograd.grad((dense * weights).sum(), (x, A_new, B_new))
-    out = layer(x)
-    got = torch.autograd.grad((out * weights).sum(), (x, layer.moram_A["default"], layer.moram_B["default"]))
-    torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-    # Without gradients either path may run, by the number of ranks: both give the dense output.
+    # Either path may run, with or without gradients, by the number of ranks: both give the dense product.
     for sparse_from in (1, 10_000):
-        monkeypatch.setattr(layer_module, "SPARSE_MIN_RANKS", sparse_from)
+        monkeypatch.setattr(layer_module, "SPARSE_MIN_RANKS", {False: sparse_from, True: sparse_from})
+        out = layer(x)
+        got = torch.autograd.grad((out * weights).sum(), (x, layer.moram_A["default"], layer.moram_B["default"]))
+        torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), dense, rtol=1e-12, atol=1e-12)
 
