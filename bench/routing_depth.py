@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from moram_cli.data.encode import split_example
 from moram_cli.data.jsonl import read_examples
 from moram_cli.models.memory import bank_prototypes, build_memory_model
 from moram_cli.store import MemoryStore
+from moram_cli.tuner.routing import block_index
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def depth_agreement(args: argparse.Namespace) -> dict:
     prototypes = bank_prototypes(banks)
     model, tokenizer = build_memory_model(store, upto=0)
     layers = model.moram_layers()
-    block = {name: int(re.search(r"\.(\d+)\.", name).group(1)) for name in layers}
+    block = {name: block_index(name) for name in layers}
     depths = [int(d) for d in args.depths.split(",")] + [max(block.values()) + 1]
     means: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():

@@ -45,14 +45,19 @@ class Routed(Exception):
     """Ends the task router's first pass once every module it reads has been seen."""
 
 
-def routing_modules(names: list[str]) -> list[str]:
-    """The adapted modules the task router reads: those of the first ROUTING_BLOCKS blocks (a block is the first
-    number in a module's name, as in `model.layers.3.self_attn.q_proj`); all of them in a model without numbered blocks."""
-    blocks = {name: re.search(r"\.(\d+)\.", f".{name}.") for name in names}
-    if not all(blocks.values()):
-        return names
-    return [name for name in names if int(blocks[name].group(1)) < ROUTING_BLOCKS]
+def block_index(name: str) -> int | None:
+    """The block a module belongs to: the first number in its name, as 3 in `model.layers.3.self_attn.q_proj`."""
+    found = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(found.group(1)) if found else None
 
+
+def routing_modules(names: list[str]) -> list[str]:
+    """The adapted modules the task router reads: those of the first ROUTING_BLOCKS blocks; all of them in a model
+    without numbered blocks."""
+    blocks = {name: block_index(name) for name in names}
+    if None in blocks.values():
+        return names
+    return [name for name in names if blocks[name] < ROUTING_BLOCKS]
 
 
 class SourceRouter:
