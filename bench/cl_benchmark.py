@@ -85,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full-matrix", action="store_true",
                    help="score every task learned so far after each task; by default only the task just learned, and every task "
                         "after the last (the diagonal and the final row: all average accuracy and BWT need)")
-    p.add_argument("--methods", default="moram,lora,inclora,mtl", help="any of moram, lora, inclora, mtl; zero-shot always runs")
+    p.add_argument("--methods", default="moram,lora,inclora,mtl",
+                   help="any of moram, lora, inclora, mtl; zero-shot always runs. LABEL=METHOD adds a second arm of a method "
+                        "under its own label (its settings from --chosen LABEL): two arms with equal settings share stage records")
     p.add_argument("--base-model", default=None, help="as for moram init; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--n-train", type=int, default=128, help="training examples per task (the head of its train.jsonl)")
     p.add_argument("--n-dev", type=int, default=32, help="dev examples per task for tuning, the lines after the training ones")
@@ -162,11 +164,15 @@ class Benchmark:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.work, self.stages = args, args.work_dir, args.stages_dir
         self.order = expand_order(args.order)
-        self.methods = args.methods.split(",")
+        self.arms = method_arms(args.methods)
+        self.methods = list(self.arms)
         self.scorings = args.scorings.split(",")
-        unknown = set(self.methods) - set(LR_GRIDS)
+        unknown = set(self.arms.values()) - set(LR_GRIDS)
         if unknown:
             raise MoramError(f"--methods: unknown method {sorted(unknown)[0]!r}; use any of {', '.join(LR_GRIDS)}")
+        unset = [label for label, method in self.arms.items() if label != method and label not in args.chosen]
+        if unset:
+            raise MoramError(f"--methods: arm {unset[0]!r} has no settings; give them in --chosen under {unset[0]!r}")
         if set(self.scorings) - set(SCORINGS) or len(set(self.scorings)) != len(self.scorings):
             raise MoramError(f"--scorings {args.scorings}: name each of {', '.join(SCORINGS)} at most once, the headline first")
         if args.num_seeds < 1:
@@ -294,7 +300,7 @@ class Benchmark:
         tasks = self.order if final else self.order[:1]
         return self.stage(name, lambda store: self.sequence(store, method, setting, tasks, split, scorings))
 
-    def tune(self, method: str, candidates: list[dict], later_rates: list[float]) -> dict:
+    def tune(self, arm: str, candidates: list[dict], later_rates: list[float]) -> dict:
         """Two rounds on dev splits under the headline scoring, the best average dev accuracy winning each (the earlier on a tie).
 
         First every candidate learns the first task (the multi-task run: the
@@ -302,11 +308,12 @@ class Benchmark:
         winner's store (for MoRAM, the best store of each k and δ) learns the
         second task at each later rate, so the rate, k and δ are chosen for
         what the second task learns and what it makes the first forget. A
-        method `--chosen` names is not tuned.
+        method (or arm) `--chosen` names is not tuned.
         """
+        method = self.arms[arm]
         has_later = method != "mtl" and len(self.order) > 1
-        if method in self.args.chosen:
-            return {"chosen": self.args.chosen[method], "trials": [], "given": str(self.args.chosen_from)}
+        if arm in self.args.chosen:
+            return {"chosen": self.args.chosen[arm], "trials": [], "given": str(self.args.chosen_from)}
         if self.args.no_tune:
             return {"chosen": candidates[0] | ({"later_lr": later_rates[0]} if has_later else {}), "trials": []}
         headline = self.scorings[0]
@@ -402,7 +409,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     prepare_data(args, bench.order)
     check_run(args, bench.order)
     candidates, seeds = grids(args), final_seeds(args)
-    outcomes = _in_workers(args, tune_method, [(m, candidates[m]) for m in bench.methods])
+    outcomes = _in_workers(args, tune_method, [(m, candidates[bench.arms[m]]) for m in bench.methods])
     tuning = {m: outcome["tuning"] for m, outcome in zip(bench.methods, outcomes)}
     jobs = [(m, tuning[m]["chosen"] | {"seed": seed}) for seed in seeds for m in bench.methods]
     finals = _in_workers(args, final_run, jobs)
@@ -414,7 +421,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     settings = {key: getattr(args, key) for key in ("r", "target_modules", "epochs", "batch_size", "max_length", "seed", "num_seeds",
                                                     "later_lr_grid", "jobs")}
     settings |= {"final_seeds": seeds, "tasks_dir": str(args.tasks_dir), "tool_version": __version__, "lora_rank": args.r * len(bench.order),
-                 "grids": {m: candidates[m] for m in bench.methods}, "tuning": tuning, "chosen": {m: t["chosen"] for m, t in tuning.items()},
+                 "arms": bench.arms, "grids": {m: candidates[bench.arms[m]] for m in bench.methods}, "tuning": tuning, "chosen": {m: t["chosen"] for m, t in tuning.items()},
                  "stage_wall_seconds": bench.wall}
     return {"model": zero["model"], "order": bench.order, "n_train": args.n_train, "n_dev": args.n_dev, "n_test": args.n_test,
             "scorings": bench.scorings, "matrix": "full" if args.full_matrix else "diagonal and final row", "settings": settings,
@@ -422,18 +429,23 @@ def benchmark(args: argparse.Namespace) -> dict:
             "paired": paired_statistics(methods, bench.scorings), "seconds": seconds_by_method(methods)}
 
 
+def method_arms(methods: str) -> dict[str, str]:
+    """`--methods` as label: method, a plain method being its own label."""
+    return dict((item.partition("=")[0], item.partition("=")[2] or item) for item in methods.split(","))
+
+
 def final_seeds(args: argparse.Namespace) -> list[int]:
     return list(range(args.seed, args.seed + args.num_seeds))
 
 
-def tune_method(args: argparse.Namespace, method: str, candidates: list[dict]) -> dict:
+def tune_method(args: argparse.Namespace, arm: str, candidates: list[dict]) -> dict:
     bench = Benchmark(args)
-    return {"tuning": bench.tune(method, candidates, _floats(args.later_lr_grid)), "wall": bench.wall}
+    return {"tuning": bench.tune(arm, candidates, _floats(args.later_lr_grid)), "wall": bench.wall}
 
 
-def final_run(args: argparse.Namespace, method: str, setting: dict) -> dict:
+def final_run(args: argparse.Namespace, arm: str, setting: dict) -> dict:
     bench = Benchmark(args)
-    return {"record": bench.run(method, setting, "test"), "wall": bench.wall}
+    return {"record": bench.run(bench.arms[arm], setting, "test"), "wall": bench.wall}
 
 
 def over_seeds(finals: list[dict], seeds: list[int]) -> dict:

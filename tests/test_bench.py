@@ -198,6 +198,23 @@ def test_chosen_settings_replace_a_methods_tuning(bench, tmp_path, tasks_dir, ti
     assert len(trial["scorings"]["choice"]["per_task"]) == 2
 
 
+def test_a_second_arm_of_a_method_runs_under_its_own_label_and_pairs_with_the_first(bench, tmp_path, tasks_dir, tiny_model_dir,
+                                                                                     capsys):
+    chosen = tmp_path / "chosen.json"
+    arms = {"inclora": {"lr": 3e-3, "later_lr": 1e-3}, "inclora_slow": {"lr": 1e-3, "later_lr": 1e-3}}
+    chosen.write_text(json.dumps(arms))
+    result = run(bench, tmp_path, tasks_dir, tiny_model_dir, "--methods", "inclora,inclora_slow=inclora", "--chosen", str(chosen),
+                 "--scorings", "choice")
+    assert result["settings"]["arms"] == {"inclora": "inclora", "inclora_slow": "inclora"}
+    assert result["settings"]["chosen"] == arms
+    assert "inclora - inclora_slow" in result["paired"]["choice"]
+    # Records are named by method and settings: an arm with the settings of an earlier run reuses its records.
+    stages = sorted(p.name for p in (tmp_path / "results" / "cl-benchmark-stages").glob("final-*"))
+    assert stages == ["final-inclora-lr0.001-later_lr0.001-seed0.json", "final-inclora-lr0.003-later_lr0.001-seed0.json"]
+    assert bench.main(bench_argv(tmp_path, tasks_dir, tiny_model_dir, "--methods", "inclora,fast=inclora")) == 2
+    assert "arm 'fast' has no settings" in capsys.readouterr().err
+
+
 def test_a_second_round_trial_whose_first_round_store_is_gone_learns_the_first_task_again(bench, tmp_path, tasks_dir,
                                                                                           tiny_model_dir):
     flags = ("--methods", "inclora", "--lr-grid", "inclora=1e-2", "--later-lr-grid", "3e-3", "--scorings", "choice")
