@@ -86,7 +86,7 @@ def random_bank(layers: dict[str, nn.Module], r: int, generator: torch.Generator
     return out
 
 
-def layer_figures(width: int, batch: int, tokens: int, rounds: int, r: int = 8, k: int = 4, banks: int = 16) -> dict:
+def layer_figures(width: int, batch: int, tokens: int, rounds: int, gate_scope: str, r: int = 8, k: int = 4, banks: int = 16) -> dict:
     """One width → width layer: MoRAM with `banks` frozen banks against PEFT LoRA (rank r) and a plain linear, forward
     without gradients; and the training pass (forward + backward) of one new bank on top of them against LoRA's."""
     generator = torch.Generator().manual_seed(0)
@@ -94,9 +94,9 @@ def layer_figures(width: int, batch: int, tokens: int, rounds: int, r: int = 8, 
     plain = nn.Linear(width, width, bias=False).requires_grad_(False)
     lora = LoraLinear(copy.deepcopy(plain), "default", LoraConfig(r=r, lora_alpha=r), r=r, lora_alpha=r)
     nn.init.normal_(lora.lora_B["default"].weight, std=0.02)
-    moram = MoramLayer(copy.deepcopy(plain), "default", MoramConfig(r=r, k=k))
+    moram = MoramLayer(copy.deepcopy(plain), "default", MoramConfig(r=r, k=k, gate_scope=gate_scope))
     A, B = random_bank({"layer": plain}, r * banks, generator)["layer"]
-    moram.set_frozen(A, B)
+    moram.set_frozen(A, B, [r] * banks)
     moram.eval()
     with torch.no_grad():
         forward = interleaved({"linear": lambda: plain(x), "lora": lambda: lora(x), "moram": lambda: moram(x)}, rounds)
@@ -115,7 +115,7 @@ class Models:
         base, self.tokenizer = load_base_model(store.config.base_model, store.config.dtype)
         a = store.config.adapter
         self.r, self.generator = a.r, torch.Generator().manual_seed(0)
-        config = MoramConfig(r=a.r, k=a.k, temperature=a.temperature, target_modules=a.target_modules)
+        config = MoramConfig(r=a.r, k=a.k, temperature=a.temperature, target_modules=a.target_modules, gate_scope=a.gate_scope)
         # lora_alpha = r, a scaling of 1, as `moram init --method lora` sets it.
         self.lora = SeqLoraModel(copy.deepcopy(base), LoraConfig(r=a.r, lora_alpha=a.r, target_modules=a.target_modules), "default")
         self.inclora = MoramModel(copy.deepcopy(base), MoramConfig(r=a.r, target_modules=a.target_modules, gate="none"), "default")
@@ -125,7 +125,7 @@ class Models:
     def memory(self, model: MoramModel, banks: int) -> None:
         """`banks` random banks; MoRAM's routed by task (random prototypes) too, a routing `unrouted()` switches off."""
         layers = model.moram_layers()
-        model.set_memory(random_bank(layers, self.r * banks, self.generator))
+        model.set_memory(random_bank(layers, self.r * banks, self.generator), [dict.fromkeys(layers, self.r)] * banks)
         if model is self.inclora:
             # As `build_memory_model` does. Each call folds more random ranks into the same weights, which speed ignores.
             model.fold_frozen()
@@ -227,7 +227,7 @@ def speed(args: argparse.Namespace) -> dict:
         store = MemoryStore.open(Path(tmp) / "store")
         models = Models(args, store)
         width = next(iter(models.moram.moram_layers().values())).in_features
-    layer = layer_figures(width, args.batch, args.tokens, args.rounds)
+    layer = layer_figures(width, args.batch, args.tokens, args.rounds, store.config.adapter.gate_scope)
     _say(args, f"layer: {layer['forward_vs_lora']}x lora forward, {layer['train_vs_lora']}x lora training")
     result = {"model": store.config.base_model.source, "adapter": dataclasses.asdict(store.config.adapter), "batch": args.batch,
               "tokens": args.tokens, "rounds": args.rounds, "threads": torch.get_num_threads(), "tool_version": __version__,

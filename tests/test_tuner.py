@@ -57,7 +57,11 @@ def test_layer_matches_reference(k, tau, delta, training):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_a_bank_scoped_gate_is_the_sum_of_each_bank_gated_alone(training):
+@pytest.mark.parametrize("ranks_per_kept", [0, 10_000])
+def test_a_bank_scoped_gate_is_the_sum_of_each_bank_gated_alone(training, ranks_per_kept, monkeypatch):
+    from moram_cli.tuner import layer as layer_module
+
+    monkeypatch.setattr(layer_module, "GATHER_RANKS_PER_KEPT", {False: ranks_per_kept, True: ranks_per_kept})
     # banks of 2 (fewer ranks than k: both kept), 5 and 4 ranks
     layer = make_layer(frozen=7, sizes=[2, 5], new=4, k=3, temperature=0.1, threshold=0.3, gate_scope="bank").double()
     layer.train(training)
@@ -71,7 +75,7 @@ def test_a_bank_scoped_gate_is_the_sum_of_each_bank_gated_alone(training):
         expected = expected + reference_output(x.detach(), 0 * W, A[b], B[:, b], 3, 0.1, 0.3, training).T
     out = layer(x)
     torch.testing.assert_close(out.detach(), expected.T, rtol=1e-12, atol=1e-12)
-    # the dense and the gathered value mix agree, with gradients
+    # the gradients are the dense product's, whichever mix ran
     weights = torch.randn_like(out)
     got = torch.autograd.grad((out * weights).sum(), (x, layer.moram_B["default"]))
     g = layer._gate(x @ A.T)
@@ -197,8 +201,8 @@ def test_the_sparse_value_mix_gives_the_dense_products_outputs_and_gradients(tra
     weights = torch.randn_like(dense)
     expected = torch.autograd.grad((dense * weights).sum(), (x, A_new, B_new))
     # Either path may run, with or without gradients, by the number of ranks: both give the dense product.
-    for sparse_from in (1, 10_000):
-        monkeypatch.setattr(layer_module, "SPARSE_MIN_RANKS", {False: sparse_from, True: sparse_from})
+    for ranks_per_kept in (0, 10_000):
+        monkeypatch.setattr(layer_module, "GATHER_RANKS_PER_KEPT", {False: ranks_per_kept, True: ranks_per_kept})
         out = layer(x)
         got = torch.autograd.grad((out * weights).sum(), (x, layer.moram_A["default"], layer.moram_B["default"]))
         torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)

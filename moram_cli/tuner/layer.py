@@ -17,11 +17,12 @@ from moram_cli.tuner.keys import kaiming_keys
 from moram_cli.tuner.routing import SourceRouter
 
 
-# From this many ranks on, gathering the k kept values per token (`mix_values`) beats the dense product `B (g ⊙ z)`,
-# by whether gradients are computed. One 576 → 576 layer, 8 × 128 tokens, k 4, 2 CPU threads on an otherwise idle
-# machine, ms dense / gathered: inference 4.9 / 5.2 at 40 ranks, 6.2 / 8.4 at 136, 8.6 / 8.6 at 520; forward and
-# backward 6.2 / 8.0, 8.8 / 10.1, 20.0 / 17.1.
-SPARSE_MIN_RANKS = {False: 512, True: 256}
+# Gathering the kept values per token (`mix_values`) reads kept columns of B per token, the dense product `B (g ⊙ z)`
+# all R: the gathered mix wins from R = this many times the kept slots on, by whether gradients are computed. One
+# 576 → 576 layer, 8 × 128 tokens, k 4, 2 CPU threads on an otherwise idle machine, ms dense / gathered: inference 4.9 /
+# 5.2 at 40 ranks, 6.2 / 8.4 at 136, 8.6 / 8.6 at 520; forward and backward 6.2 / 8.0, 8.8 / 10.1, 20.0 / 17.1. A
+# bank-scoped gate keeps k per bank, half of r = 8 ranks: gathered, 64 banks took 154 ms against 16 ms dense.
+GATHER_RANKS_PER_KEPT = {False: 128, True: 64}
 
 
 def mix_values(B: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,7 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         if self.config.gate != "moram":
             return result.add_(F.linear(z, B).to(result.dtype))
         indices, g = self._gate(z)
-        if indices is None or B.shape[1] < SPARSE_MIN_RANKS[torch.is_grad_enabled()]:
+        if indices is None or B.shape[1] < GATHER_RANKS_PER_KEPT[torch.is_grad_enabled()] * indices.shape[-1]:
             return result.add_(F.linear(spread(z, indices, g) * z, B).to(result.dtype))
         return result.add_(mix_values(B, indices, g * z.gather(-1, indices)).to(result.dtype))
 
