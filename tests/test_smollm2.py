@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from moram_cli.demo import DEMO_DATA
@@ -38,3 +43,20 @@ def test_init_learn_eval_on_smollm2(tmp_path, sample):
     assert after["accuracy"] == summary["eval"]["accuracy"]  # same model, same data, whether in-process or reloaded
     assert after["accuracy"] > zero_shot["accuracy"]
     assert [b.name for b in MemoryStore.open(store).banks()] == ["dbpedia"]
+
+
+def test_the_command_that_converts_the_model_keeps_its_json_output_clean(tmp_path, sample):
+    """The first command to load the embedded model converts it; transformers then imported DeepSpeed, whose log went to
+    stdout ahead of the JSON."""
+    store = tmp_path / "store"
+    init_store(store)
+    two = tmp_path / "dbpedia" / "test.jsonl"
+    two.parent.mkdir()
+    two.write_text("".join((sample / "test.jsonl").read_text().splitlines(True)[:2]))
+    # Without the DS_ACCELERATOR this process may have set: a user's shell has none, and DeepSpeed then logs its guess.
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"MORAM_CACHE": str(tmp_path / "fresh-cache")}
+    done = subprocess.run([sys.executable, "-m", "moram_cli", "eval", str(store), "--data", str(two), "--json"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "converting SmolLM2-135M-Instruct" in done.stderr
+    assert json.loads(done.stdout)["total"] == 2

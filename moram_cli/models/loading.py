@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from moram_cli.errors import MoramError
 from moram_cli.models.cache import cache_dir
 from moram_cli.models.reference import BaseModelRef, current_fingerprint, embedded_gguf_path, loader_failure
+from moram_cli.quiet_deepspeed import import_deepspeed_quietly
 from moram_cli.store.config import DTYPES
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -71,6 +72,7 @@ def converted_gguf(gguf: Path, fingerprint: str) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model keeps its quantizer, which makes it unsaveable and untrainable.
         model.hf_quantizer.remove_quantization_config(model)
+        import_deepspeed_quietly()  # saving imports it
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target) if not target.exists() else shutil.rmtree(staging)
