@@ -48,7 +48,7 @@ def test_init_records_base_model_and_settings(store, tiny_model_dir):
     assert config["base_model"]["kind"] == "local" and config["base_model"]["source"] == str(tiny_model_dir)
     assert len(config["base_model"]["fingerprint"]) == 64
     assert config["adapter"] == {"r": 4, "k": 2, "temperature": 0.1, "threshold": 0.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj"],
-                                 "lora_alpha": None, "routing": "task", "key_init": "data", "gate_scope": "all"}
+                                 "lora_alpha": None, "routing": "task", "key_init": "data", "gate_scope": "bank"}
     assert config["format_version"] == 1 and config["method"] == "moram" and config["dtype"] == "float32"
     assert list((store / "banks").iterdir()) == []
 

@@ -16,7 +16,7 @@ from moram_cli.store.yamlio import read_yaml
 # How a new moram store's later tasks start their keys, and how it routes: the winners of bench/plasticity.py (see the README).
 DEFAULT_KEY_INIT = "data"
 DEFAULT_ROUTING = "task"
-DEFAULT_GATE_SCOPE = "all"
+DEFAULT_GATE_SCOPE = "bank"
 # A store learned task after task routes by token or by task; source routing is for stores `moram merge` writes.
 INIT_ROUTINGS = ("token", "task")
 
