@@ -18,7 +18,8 @@ seed moves a method's average by 7 to 18 points.
 
     python bench/cl_benchmark.py                        # dbpedia -> amazon -> yelp -> agnews, 128 train / 80 test
     python bench/cl_benchmark.py --order long --n-train 64 --n-dev 16 --n-test 32 --num-seeds 5 \
-        --chosen bench/chosen-from-4-tasks.json --lr-grid mtl=1e-3,2e-3 --results-name cl-benchmark-long
+        --methods moram,moram_gate_all=moram,lora,inclora,mtl --chosen bench/chosen.json \
+        --lr-grid mtl=1e-3,2e-3 --results-name cl-benchmark-long
 """
 
 from __future__ import annotations
@@ -580,7 +581,7 @@ def plot(result: dict, path: Path) -> None:
                 ax.scatter([x] * len(values), values, s=14, alpha=0.6)
                 if values:
                     ax.hlines(statistics.fmean(values), x - 0.3, x + 0.3, color="black")
-            ax.set_xticks(range(len(methods)), list(methods), rotation=30, fontsize="small")
+            ax.set_xticks(range(len(methods)), list(methods), rotation=30, ha="right", rotation_mode="anchor", fontsize="small")
             ax.set_title(f"{scoring}: {'average accuracy' if measure == 'avg_acc' else 'BWT'}", fontsize="medium")
             if measure == "bwt":
                 ax.axhline(0, color="grey", linewidth=0.5)
