@@ -58,17 +58,20 @@ def test_layer_matches_reference(k, tau, delta, training):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("ranks_per_kept", [0, 10_000])
-def test_a_bank_scoped_gate_is_the_sum_of_each_bank_gated_alone(training, ranks_per_kept, monkeypatch):
+@pytest.mark.parametrize("sizes", [[2, 5, 4], [4, 4, 4]], ids=["unequal banks", "equal banks"])
+def test_a_bank_scoped_gate_is_the_sum_of_each_bank_gated_alone(training, ranks_per_kept, sizes, monkeypatch):
     from moram_cli.tuner import layer as layer_module
 
     monkeypatch.setattr(layer_module, "GATHER_RANKS_PER_KEPT", {False: ranks_per_kept, True: ranks_per_kept})
-    # banks of 2 (fewer ranks than k: both kept), 5 and 4 ranks
-    layer = make_layer(frozen=7, sizes=[2, 5], new=4, k=3, temperature=0.1, threshold=0.3, gate_scope="bank").double()
+    # unequal: a bank of 2 (fewer ranks than k: both kept), then 5 and 4 ranks; equal banks take the padding-free path
+    layer = make_layer(frozen=sum(sizes[:2]), sizes=sizes[:2], new=sizes[2], k=3, temperature=0.1, threshold=0.3,
+                       gate_scope="bank").double()
     layer.train(training)
     x = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
     A, B = stacked(layer)
     W = layer.base_layer.weight.detach()
-    banks = [range(0, 2), range(2, 7), range(7, 11)]
+    starts = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+    banks = [range(a, b) for a, b in zip(starts, starts[1:])]
     expected = W @ x.detach().T
     for bank in banks:
         b = list(bank)
@@ -93,6 +96,17 @@ def test_a_bank_scoped_gate_keeps_only_the_routed_groups_banks():
     assert torch.equal(weights[0, 4:], torch.zeros(5)) and weights[0].sum().item() == pytest.approx(1.0)
     # every bank of the second row contributes a whole softmax: two banks of k ranks, and the single rank of the third
     assert weights[1].sum().item() == pytest.approx(3.0) and weights[1, 8].item() == pytest.approx(1.0)
+
+
+def test_a_bank_scoped_gate_over_equal_banks_keeps_only_the_routed_groups_banks():
+    z = torch.randn(2, 12, dtype=torch.float64)
+    table = torch.arange(12).view(3, 4)
+    member = torch.tensor([[True] * 4 + [False] * 8, [True] * 12])
+    weights = spread(z, *kept_per_bank(z, 2, 0.2, 0.0, member, table))
+    assert torch.equal(weights[0, 4:], torch.zeros(8)) and weights[0].sum().item() == pytest.approx(1.0)
+    assert weights[1].sum().item() == pytest.approx(3.0)
+    for bank in table:
+        torch.testing.assert_close(weights[1, bank], rank_gate(z[1:, bank], 2, 0.2)[0])
 
 
 def test_gate_keeps_k_eff_ranks_and_threshold_does_not_renormalise():

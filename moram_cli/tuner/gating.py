@@ -26,13 +26,21 @@ def kept_ranks(z: torch.Tensor, k: int, temperature: float, threshold: float = 0
     # top-k indices carry no gradient; the kept scores do, through `s`.
     indices = s.topk(k_eff, dim=-1).indices if k_eff < ranks else None
     kept = s if indices is None else s.gather(-1, indices)
-    g = torch.softmax(kept / temperature, dim=-1)
+    g = short_softmax(kept / temperature)
     if member is not None:
         # A row whose group has fewer ranks than k here (or none: pruning can empty a bank's module) keeps only those.
         g = torch.where(torch.isfinite(kept), g, 0.0)
     if threshold > 0:
         g = g * (kept >= threshold).to(g.dtype)
     return indices, g
+
+
+def short_softmax(x: torch.Tensor) -> torch.Tensor:
+    """`torch.softmax(x, -1)` for a short last dimension, as the k kept scores of every bank: torch's CPU kernel pays per
+    row (65 536 rows of 4: 2.6 ms against 0.6 ms for these operations). The maximum is a constant to autograd, as
+    softmax's shift invariance allows, so the gradient is softmax's."""
+    e = (x - x.amax(-1, keepdim=True).detach()).exp()
+    return e / e.sum(-1, keepdim=True)
 
 
 def kept_per_bank(z: torch.Tensor, k: int, temperature: float, threshold: float, member: torch.Tensor | None,
@@ -43,11 +51,15 @@ def kept_per_bank(z: torch.Tensor, k: int, temperature: float, threshold: float,
     padded with -1. A padded place, or a rank outside `member`, is never kept;
     its slot comes back with weight 0 (and some index).
     """
-    inside = table >= 0
-    ranks = table.clamp_min(0)
-    if member is not None:
-        inside = inside & member[..., ranks]
-    indices, g = kept_ranks(z[..., ranks], k, temperature, threshold, inside)
+    if table.numel() == z.shape[-1]:
+        # No padding, so every bank has the same size and the table is 0..R-1 row by row: `z` viewed bank by bank.
+        ranks, per_bank = table, z.unflatten(-1, table.shape)
+        inside = None if member is None else member.unflatten(-1, table.shape)
+    else:
+        ranks = table.clamp_min(0)
+        per_bank = z[..., ranks]
+        inside = table >= 0 if member is None else (table >= 0) & member[..., ranks]
+    indices, g = kept_ranks(per_bank, k, temperature, threshold, inside)
     chosen = ranks.expand(*g.shape[:-1], ranks.shape[-1])
     if indices is not None:
         chosen = chosen.gather(-1, indices)
