@@ -4,7 +4,8 @@ own task, and what reading every block picks, on a learned task-routed store.
     python bench/routing_depth.py --store STORE --data-dir WORK/data     # WORK: a cl_benchmark work directory
 
 The test prompts of each bank's task come from `DATA_DIR/<task>/test.jsonl`
-(the bank's name without its number). Writes bench/results/routing-depth.json.
+(the bank's name without its number); its prototypes at every block, from
+the training file the bank records. Writes bench/results/routing-depth.json.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from cl_benchmark import REPO, script_main
-from moram_cli.data.encode import split_example
+from moram_cli.data.encode import encode_dataset, split_example
 from moram_cli.data.jsonl import read_examples
-from moram_cli.models.memory import bank_prototypes, build_memory_model
-from moram_cli.store import MemoryStore
+from moram_cli.models.memory import build_memory_model
+from moram_cli.store import Bank, MemoryStore
+from moram_cli.training.key_init import task_prototypes
 from moram_cli.tuner.routing import block_index
 
 
@@ -37,9 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def depth_agreement(args: argparse.Namespace) -> dict:
     store = MemoryStore.open(args.store)
     banks = store.banks()
-    prototypes = bank_prototypes(banks)
     model, tokenizer = build_memory_model(store, upto=0)
     layers = model.moram_layers()
+    prototypes = [every_module_prototype(model, tokenizer, bank, list(layers)) for bank in banks]
     block = {name: block_index(name) for name in layers}
     depths = [int(d) for d in args.depths.split(",")] + [max(block.values()) + 1]
     means: dict[str, torch.Tensor] = {}
@@ -59,6 +62,15 @@ def depth_agreement(args: argparse.Namespace) -> dict:
     share = lambda a, b: round(sum(x == y for x, y in zip(a, b)) / len(b), 4)  # noqa: E731
     return {"store": str(args.store), "banks": [bank.path.name for bank in banks], "prompts": len(truth),
             "by_blocks": {str(d): {"own_task": share(picks[d], truth), "as_every_block": share(picks[d], every)} for d in depths}}
+
+
+def every_module_prototype(model, tokenizer, bank: Bank, modules: list[str]) -> dict[str, torch.Tensor]:
+    """The bank's task prototype at every module, from the examples and settings it was learned with: a bank records
+    those of the blocks the router reads alone."""
+    learned = bank.metadata()
+    settings = learned["hyperparameters"]
+    encoded, _ = encode_dataset(read_examples(Path(learned["data"])), tokenizer, settings["max_length"])
+    return task_prototypes(model, encoded, tokenizer.pad_token_id, settings["batch_size"], settings["seed"], Accelerator(), False, modules)
 
 
 def write_results(result: dict, args: argparse.Namespace) -> list[Path]:

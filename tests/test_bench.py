@@ -315,10 +315,13 @@ def test_eval_before_after_runs_both_versions_in_turn_and_reports_their_accuracy
 def test_routing_depth_scores_every_depth_against_the_prompts_own_task(tmp_path, tasks_dir, tiny_model_dir, monkeypatch):
     from moram_cli.store.init import init_store
     from moram_cli.training.learn import learn_task
+    from moram_cli.tuner import routing
 
     script = bench_script("routing_depth", monkeypatch)
     store = tmp_path / "store"
     init_store(store, base_model=str(tiny_model_dir), r=2)
+    # The banks record block 0's prototypes alone; the script computes every block's.
+    monkeypatch.setattr(routing, "ROUTING_BLOCKS", 1)
     for task in ("one", "two"):
         learn_task(store, tasks_dir / task / "train.jsonl", name=task, show_progress=False, max_steps=2, batch_size=4)
     assert script.main(["--store", str(store), "--data-dir", str(tasks_dir), "--depths", "1", "--results-dir", str(tmp_path), "--quiet"]) == 0

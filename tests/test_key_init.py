@@ -15,6 +15,11 @@ from moram_cli.errors import MoramError
 from moram_cli.store import MemoryStore
 from moram_cli.store.init import init_store
 from moram_cli.training.learn import learn_task, rank_init_seed
+from moram_cli.data.encode import encode_dataset
+from moram_cli.data.jsonl import read_examples
+from moram_cli.models.memory import build_memory_model
+from moram_cli.models.token_passes import masked_passes
+from moram_cli.training.key_init import input_moments
 from moram_cli.tuner.keys import InputMoments, data_keys, kaiming_keys
 
 # A step this small leaves the trained keys equal to the keys they started from, to float32 resolution.
@@ -135,3 +140,28 @@ def test_max_grad_norm_clips_every_step_and_must_be_positive(new_store, tiny_tas
     assert clipped == [(8, 0.5)] * 2 and summary["hyperparameters"]["max_grad_norm"] == 0.5
     with pytest.raises(MoramError, match="max_grad_norm=0.0; need > 0"):
         learn_task(new_store("z"), tiny_task.train, show_progress=False, max_grad_norm=0.0)
+
+
+def test_input_moments_take_a_shared_input_once_and_stop_after_the_modules_asked_for(new_store, tiny_task):
+    model, tokenizer = build_memory_model(MemoryStore.open(new_store("m")))
+    encoded, _ = encode_dataset(read_examples(tiny_task.train), tokenizer, 64)
+    layers = model.moram_layers()
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    inputs, ran = [], []
+    hooks = [layers[q].register_forward_pre_hook(lambda _, args: inputs.append(args[0]))]
+    hooks += [layer.base_layer.register_forward_hook(lambda *_, name=name: ran.append(name)) for name, layer in layers.items()]
+    current = {}
+    masked_passes(model, encoded, tokenizer.pad_token_id, 4, lambda mask: current.update(mask=mask),
+                  lambda: inputs.append(inputs.pop().flatten(0, -2)[current["mask"]]))
+    x = torch.cat(inputs).double()
+    ran.clear()
+    asked = input_moments(model, encoded, tokenizer.pad_token_id, 4, "moments", False, second=False, modules=[q, k])
+    # k reads q's input: the pass ends at k's hook, before any later module runs.
+    assert set(ran) == {q}
+    every = input_moments(model, encoded, tokenizer.pad_token_id, 4, "moments", False)
+    for hook in hooks:
+        hook.remove()
+    assert every[q] is every[k] and every[q] is not every["model.layers.1.self_attn.q_proj"]
+    assert asked[q].tokens == every[q].tokens == x.shape[0]
+    torch.testing.assert_close(every[q].second, x.T @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(asked[k].total, x.sum(0), rtol=1e-6, atol=1e-6)

@@ -20,14 +20,19 @@ from test_merge import moram_json
 COUNTING = [{"prompt": f"Count on: {' '.join(str(n) for n in range(i, i + 4))}\nNext:", "completion": str(i + 4)} for i in range(24)]
 
 
-@pytest.fixture
-def routed(new_store, tiny_task, write_jsonl, tmp_path):
-    """A task-routed store that learned the topic task, then counting, each with its test set."""
-    store = new_store("routed")
-    counting = write_jsonl(tmp_path / "counting.jsonl", COUNTING)
+def learn_both(store, tiny_task, counting) -> None:
+    """The topic task, then counting, each with its test set."""
     for data, name in ((tiny_task.train, "topic"), (counting, "counting")):
         learn_task(store, data, name=name, eval_data=tiny_task.test if name == "topic" else counting, show_progress=False,
                    batch_size=4, max_steps=6, lr=5e-2)
+
+
+@pytest.fixture
+def routed(new_store, tiny_task, write_jsonl, tmp_path):
+    """A task-routed store that learned the topic task, then counting."""
+    store = new_store("routed")
+    counting = write_jsonl(tmp_path / "counting.jsonl", COUNTING)
+    learn_both(store, tiny_task, counting)
     return store, counting
 
 
@@ -48,7 +53,7 @@ def nearest_task(model, tokenizer, text: str, prototypes: list[dict[str, torch.T
     model.enable_adapter_layers()
     for hook in hooks:
         hook.remove()
-    distances = [sum((means[m] - p[m].double()).square().sum() for m in means) for p in prototypes]
+    distances = [sum((means[m] - p[m].double()).square().sum() for m in p) for p in prototypes]
     return min(range(len(distances)), key=distances.__getitem__)
 
 
@@ -88,6 +93,21 @@ def test_the_router_reads_the_first_blocks_only_and_stops_there(routed, monkeypa
     # the first pass ran block 0 alone; the answer ran every block once
     assert [n for n in calls if ".layers.1." in n] == [n for n in layers if ".layers.1." in n]
     assert len([n for n in calls if ".layers.0." in n]) == 2 * len([n for n in layers if ".layers.0." in n])
+
+
+def test_a_bank_records_the_prototypes_of_the_blocks_the_router_reads(new_store, tiny_task, write_jsonl, tmp_path, monkeypatch):
+    from moram_cli.tuner import routing
+
+    monkeypatch.setattr(routing, "ROUTING_BLOCKS", 1)
+    store = new_store("first-block")
+    learn_both(store, tiny_task, write_jsonl(tmp_path / "counting.jsonl", COUNTING))
+    opened = MemoryStore.open(store)
+    prototypes = [bank.prototypes() for bank in opened.banks()]
+    assert [sorted(p) for p in prototypes] == [[f"model.layers.0.self_attn.{m}" for m in ("k_proj", "q_proj")]] * 2
+    full, tokenizer = build_memory_model(opened)
+    for text, task in ((COUNTING[3]["prompt"], 1), (tiny_task.test.read_text().split('"prompt": "')[1].split('"')[0], 0)):
+        assert nearest_task(full, tokenizer, text, prototypes) == task
+        torch.testing.assert_close(logits(full, tokenizer, text), logits(build_memory_model(opened, upto=task + 1)[0], tokenizer, text))
 
 
 def test_the_recorded_matrix_is_the_routed_one(routed, tiny_task):

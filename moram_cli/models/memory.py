@@ -12,6 +12,7 @@ from moram_cli.store import Bank, MemoryStore
 from moram_cli.store.bank import MISSING_GROUPS, MISSING_PROTOTYPES, BankTensors, routing_groups
 from moram_cli.store.config import GATE_SCOPES, KEY_INITS, METHODS, ROUTINGS
 from moram_cli.tuner import MoramConfig, MoramModel, SeqLoraModel
+from moram_cli.tuner.routing import routing_modules
 
 MemoryModel = MoramModel | SeqLoraModel
 
@@ -106,7 +107,9 @@ def route_by_task(model: MoramModel, prototypes: list[dict[str, torch.Tensor]], 
     if len(counts) < 2:
         return
     members = [list(range(b + 1)) for b in range(len(counts))]
-    model.route_by_task({module: torch.stack([p[module] for p in prototypes]) for module in counts[0]}, rank_indices(members, counts))
+    # Banks record the prototypes of the modules the router reads (those of earlier versions, of every module).
+    read = routing_modules(list(counts[0]))
+    model.route_by_task({module: torch.stack([p[module] for p in prototypes]) for module in read}, rank_indices(members, counts))
 
 
 def rank_counts(per_bank: list[BankTensors]) -> list[dict[str, int]]:

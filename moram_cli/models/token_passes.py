@@ -10,15 +10,23 @@ from moram_cli.data.batching import collate, length_bucketed_batches
 from moram_cli.data.encode import Encoded
 
 
+class PassSeen(Exception):
+    """Raised by an observer once it has seen all it needs of a batch: the rest of the model's pass is skipped."""
+
+
 @torch.no_grad()
 def masked_passes(model, encoded: list[Encoded], pad_id: int, batch_size: int, before_batch: Callable[[torch.Tensor], None],
                   after_batch: Callable[[], None] = lambda: None) -> None:
     """Run `model` over `encoded` in length-bucketed batches; `before_batch` gets each batch's flattened token mask
-    (True where not padding), so an observer can drop padded positions from what it sees."""
+    (True where not padding), so an observer can drop padded positions from what it sees. An observer may end a batch's
+    pass early by raising `PassSeen`."""
     model.eval()
     for indices in length_bucketed_batches([len(e.input_ids) for e in encoded], batch_size, seed=0):
         batch = collate([encoded[i] for i in indices], pad_id)
         before_batch(batch["attention_mask"].flatten().bool().to(model.device))
-        model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
-              use_cache=False, logits_to_keep=1)
+        try:
+            model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
+                  use_cache=False, logits_to_keep=1)
+        except PassSeen:
+            pass
         after_batch()

@@ -204,7 +204,7 @@ def _route_with_new_bank(store: MemoryStore, model, prototypes: dict[str, torch.
     the earlier ones are scored that way."""
     banks = store.banks()
     counts = [{module: A[0] for module, (A, _) in bank.shapes().items()} for bank in banks]
-    route_by_task(model, bank_prototypes(banks) + [prototypes], counts + [dict.fromkeys(prototypes, store.config.adapter.r)])
+    route_by_task(model, bank_prototypes(banks) + [prototypes], counts + [dict.fromkeys(model.moram_layers(), store.config.adapter.r)])
 
 
 def _resume_data(store: MemoryStore, accelerator: Accelerator, run: dict, settings: TrainingSettings,

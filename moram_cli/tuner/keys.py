@@ -20,8 +20,8 @@ def kaiming_keys(r: int, in_features: int, generator: torch.Generator | None = N
 
 
 class InputMoments:
-    """Running sum and (unless `second` is off) second moment of a layer's inputs, in float64 so the order of batches
-    does not matter."""
+    """Running sum and (unless `second` is off) second moment of a layer's inputs, summed over batches in float64 so
+    that their order does not matter; a batch's own product is float32, which its few thousand tokens allow."""
 
     def __init__(self, in_features: int, second: bool = True) -> None:
         # The second moment costs in_features² per token: a mean alone (a task prototype) skips it.
@@ -31,10 +31,10 @@ class InputMoments:
 
     def add(self, x: torch.Tensor) -> None:
         """Fold in some tokens' inputs (`x`: tokens × in_features)."""
-        x = x.detach().to(device="cpu", dtype=torch.float64)
+        x = x.detach().float()
         if self.second is not None:
-            self.second += x.T @ x
-        self.total += x.sum(0)
+            self.second += (x.T @ x).to(device="cpu", dtype=torch.float64)
+        self.total += x.sum(0, dtype=torch.float64).cpu()
         self.tokens += x.shape[0]
 
 
