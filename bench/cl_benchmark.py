@@ -432,7 +432,8 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 def method_arms(methods: str) -> dict[str, str]:
     """`--methods` as label: method, a plain method being its own label."""
-    return dict((item.partition("=")[0], item.partition("=")[2] or item) for item in methods.split(","))
+    arms = (item.partition("=") for item in methods.split(","))
+    return {label: method or label for label, _, method in arms}
 
 
 def final_seeds(args: argparse.Namespace) -> list[int]:

@@ -132,7 +132,7 @@ class Models:
         if model is self.moram:
             prototypes = [{name: torch.randn(layer.in_features, generator=self.generator) for name, layer in layers.items()}
                           for _ in range(banks)]
-            route_by_task(model, prototypes, [dict.fromkeys(layers, self.r)] * banks)
+            route_by_task(model, prototypes)
 
     def forward(self, model: nn.Module) -> Callable[[], object]:
         def run() -> object:

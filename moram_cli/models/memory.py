@@ -71,9 +71,9 @@ def build_memory_model(
     if per_bank and store.config.adapter.routing == "source":
         members = group_members(bank_groups(banks[:upto]))
         if len(members) > 1:
-            model.route_by_source(members, rank_indices(members, rank_counts(per_bank)))
+            model.route_by_source(members)
     if store.config.adapter.routing == "task" and len(per_bank) > 1:
-        route_by_task(model, bank_prototypes(banks[:upto]), rank_counts(per_bank))
+        route_by_task(model, bank_prototypes(banks[:upto]))
     # Freshly injected layers start in training mode, which would skip the inference-only threshold.
     model.eval()
     return model, tokenizer
@@ -102,32 +102,18 @@ def bank_prototypes(banks: list[Bank]) -> list[dict[str, torch.Tensor]]:
     return prototypes
 
 
-def route_by_task(model: MoramModel, prototypes: list[dict[str, torch.Tensor]], counts: list[dict[str, int]]) -> None:
+def route_by_task(model: MoramModel, prototypes: list[dict[str, torch.Tensor]]) -> None:
     """Route each sequence to the banks up to its nearest task (one bank needs no routing)."""
-    if len(counts) < 2:
+    if len(prototypes) < 2:
         return
-    members = [list(range(b + 1)) for b in range(len(counts))]
     # Banks record the prototypes of the modules the router reads (those of earlier versions, of every module).
-    read = routing_modules(list(counts[0]))
-    model.route_by_task({module: torch.stack([p[module] for p in prototypes]) for module in read}, rank_indices(members, counts))
+    read = routing_modules(list(model.moram_layers()))
+    model.route_by_task({module: torch.stack([p[module] for p in prototypes]) for module in read})
 
 
 def rank_counts(per_bank: list[BankTensors]) -> list[dict[str, int]]:
     """Each bank's number of ranks per module."""
     return [{module: A.shape[0] for module, (A, _) in tensors.items()} for tensors in per_bank]
-
-
-def rank_indices(members: list[list[int]], counts: list[dict[str, int]]) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
-    """Per module, the indices into its ranks (stacked bank after bank) of each group and of each bank.
-
-    Computed per module because pruning may leave a bank different rank counts in different modules.
-    """
-    out = {}
-    for module in counts[0]:
-        sizes = [bank[module] for bank in counts]
-        banks = tuple(torch.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes)))
-        out[module] = (tuple(torch.cat([banks[i] for i in group]) for group in members), banks)
-    return out
 
 
 def check_bank_fits(bank: Bank, tensors: BankTensors, model: MemoryModel) -> None:

@@ -202,9 +202,7 @@ def _new_ranks(store: MemoryStore, model, encoded: list[Encoded], pad_id: int, s
 def _route_with_new_bank(store: MemoryStore, model, prototypes: dict[str, torch.Tensor]) -> None:
     """Route the trained model as the store will answer once its bank is written, so that the task's own test set and
     the earlier ones are scored that way."""
-    banks = store.banks()
-    counts = [{module: A[0] for module, (A, _) in bank.shapes().items()} for bank in banks]
-    route_by_task(model, bank_prototypes(banks) + [prototypes], counts + [dict.fromkeys(model.moram_layers(), store.config.adapter.r)])
+    route_by_task(model, bank_prototypes(store.banks()) + [prototypes])
 
 
 def _resume_data(store: MemoryStore, accelerator: Accelerator, run: dict, settings: TrainingSettings,

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
+from moram_cli.store.config import GATE_SCOPES
+
 GATES = ("moram", "none")
-# Over which ranks the gate normalises, keeps k and softmaxes: all of them at once (the method), or each bank's apart.
-GATE_SCOPES = ("all", "bank")
 
 
 @dataclass

@@ -47,11 +47,10 @@ class MoramLayer(nn.Module, BaseTunerLayer):
     # Receives every gate `g` this layer computes; set only while gate statistics are collected
     # (see moram_cli.inspection.gates), so the ordinary forward pass pays one `is None` test.
     gate_observer: Callable[[torch.Tensor], None] | None = None
-    # Set on the layers of a routed store (see moram_cli.tuner.routing): the router, which ranks each of its groups
-    # holds, and the rank indices of each bank.
+    # Set on the layers of a routed store (see moram_cli.tuner.routing): the router, and which ranks each of its
+    # groups holds.
     router: SourceRouter | None = None
     group_member: torch.Tensor | None = None  # groups × R, whether each rank belongs to each group
-    rank_banks: tuple[torch.Tensor, ...] = ()
     # Set on the layers of a task-routed store: each bank's task prototype for this layer's input (banks × d_in).
     prototypes: torch.Tensor | None = None
 
@@ -72,7 +71,7 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self.frozen_sizes: list[int] = []
         # Each bank's rank indices (frozen banks, then the trainable one), a row per bank padded with -1: read by the gate
-        # when config.gate_scope is "bank". A buffer, so that it moves with the model.
+        # when config.gate_scope is "bank", and by routing. A buffer, so that it moves with the model.
         self.register_buffer("bank_table", None, persistent=False)
 
     @property
@@ -171,7 +170,7 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         threshold = 0.0 if self.training else self.config.threshold
         router = self.router if self.router is not None and self.router.routes(self.training) else None
         if router is not None and router.measuring:
-            router.add_scores(z, self.rank_banks)
+            router.add_scores(z, self.bank_table)
         member = router.member(self.group_member, z.dim()) if router is not None and not router.measuring else None
         if self.config.gate_scope == "bank":
             indices, g = kept_per_bank(z, self.config.k, self.config.temperature, threshold, member, self.bank_table)

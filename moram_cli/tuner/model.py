@@ -14,8 +14,6 @@ from moram_cli.tuner.layer import MoramLayer
 from moram_cli.tuner.routing import SourceRouter, TaskRouter, group_table, routing_modules
 
 BankTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-# Module name -> its rank indices (into the stacked ranks) per routing group and per bank.
-RankIndices = dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
 
 
 class MoramModel(BaseTuner):
@@ -52,16 +50,15 @@ class MoramModel(BaseTuner):
         for layer in self.moram_layers().values():
             layer.fold_frozen()
 
-    def route_by_source(self, members: list[list[int]], ranks: RankIndices) -> None:
-        """Answer each sequence with one group of banks (a source store's): `members[g]` lists group g's banks,
-        `ranks` maps each module to its rank indices per group and per bank."""
-        self._route(SourceRouter(members, banks=len(next(iter(ranks.values()))[1])), ranks)
+    def route_by_source(self, members: list[list[int]]) -> None:
+        """Answer each sequence with one group of banks (a source store's): `members[g]` lists group g's banks."""
+        self._route(SourceRouter(members, banks=self._banks()), members)
 
-    def route_by_task(self, prototypes: dict[str, torch.Tensor], ranks: RankIndices) -> None:
-        """Answer each sequence with the banks up to the task it resembles most: `prototypes` maps each module to its
-        banks' task prototypes (banks × d_in), `ranks` to its rank indices per prefix of banks and per bank."""
-        router = TaskRouter(banks=len(next(iter(ranks.values()))[1]))
-        self._route(router, ranks)
+    def route_by_task(self, prototypes: dict[str, torch.Tensor]) -> None:
+        """Answer each sequence with the banks up to the task it resembles most: `prototypes` maps each module the
+        router reads to its banks' task prototypes (banks × d_in)."""
+        router = TaskRouter(banks=self._banks())
+        self._route(router, router.members)
         layers = self.moram_layers()
         read = set(routing_modules(list(layers)))
         for name, layer in layers.items():
@@ -81,14 +78,16 @@ class MoramModel(BaseTuner):
         finally:
             router.enabled = True
 
-    def _route(self, router: SourceRouter, ranks: RankIndices) -> None:
+    def _route(self, router: SourceRouter, members: list[list[int]]) -> None:
         # Routing again (a task-routed store that just learned a task) replaces the earlier router.
         if getattr(self, "_routing_hook", None) is not None:
             self._routing_hook.remove()
-        for name, layer in self.moram_layers().items():
-            groups, layer.rank_banks = ranks[name]
-            layer.router, layer.group_member = router, group_table(groups, sum(bank.numel() for bank in layer.rank_banks))
+        for layer in self.moram_layers().values():
+            layer.router, layer.group_member = router, group_table(members, layer.bank_table)
         self._routing_hook = router.attach(self.model)
+
+    def _banks(self) -> int:
+        return next(iter(self.moram_layers().values())).bank_table.shape[0]
 
     def add_task_ranks(self, r: int, seed: int, keys: dict[str, torch.Tensor] | None = None) -> list[nn.Parameter]:
         """Add `r` trainable experts to every adapted layer, starting from `keys` (module name -> at most `r` keys, see

@@ -65,7 +65,7 @@ class SourceRouter:
 
     `members[g]` lists the banks of group g: a bank two sources share is in
     both. Each layer holds its own table of which of its stacked ranks each
-    group has, and its rank indices per bank. A forward call that continues a
+    group has. A forward call that continues a
     cached sequence keeps the choice made on its prompt.
     """
 
@@ -99,15 +99,16 @@ class SourceRouter:
         rows = group_member.index_select(0, self.chosen.to(group_member.device))
         return rows.view(rows.shape[0], *[1] * (dims - 2), rows.shape[1])
 
-    def add_scores(self, z: torch.Tensor, banks: tuple[torch.Tensor, ...]) -> None:
-        """The measuring pass: add each bank's best normalised expert score, averaged over the sequence's tokens."""
+    def add_scores(self, z: torch.Tensor, banks: torch.Tensor) -> None:
+        """The measuring pass: add each bank's best normalised expert score, averaged over the sequence's tokens.
+        `banks` is the layer's table of rank indices per bank, padded with -1."""
+        inside = banks >= 0
+        part = z[..., banks.clamp_min(0)] * inside
+        best = (part / part.norm(dim=-1, keepdim=True).clamp_min(1e-8)).masked_fill(~inside, float("-inf")).amax(-1)
+        # Pruning may leave a bank without ranks in a module: it scores nothing there.
+        best = torch.where(inside.any(-1), best, 0.0).flatten(1, -2)
         mask = self._mask.to(z.dtype)
-        for index, ranks in enumerate(banks):
-            if ranks.numel() == 0:  # pruning may leave a bank without ranks in a module
-                continue
-            part = z.index_select(-1, ranks)
-            best = (part / part.norm(dim=-1, keepdim=True).clamp_min(1e-8)).amax(-1).flatten(1)
-            self._scores[:, index] += (best * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        self._scores += (best * mask.unsqueeze(-1)).sum(1) / mask.sum(-1, keepdim=True).clamp_min(1)
 
     def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.measuring or not self.routes(model.training):
@@ -159,9 +160,11 @@ class TaskRouter(SourceRouter):
             raise Routed
 
 
-def group_table(groups: tuple[torch.Tensor, ...], ranks: int) -> torch.Tensor:
-    """groups × ranks: whether each rank of a layer belongs to each group, built once when the store is routed."""
-    table = torch.zeros(len(groups), ranks, dtype=torch.bool)
-    for row, indices in zip(table, groups):
-        row[indices] = True
+def group_table(members: list[list[int]], banks: torch.Tensor) -> torch.Tensor:
+    """groups × ranks: whether each of a layer's ranks belongs to each group (`members[g]`: group g's banks; `banks`:
+    the layer's rank indices per bank, padded with -1), built once when the store is routed."""
+    table = torch.zeros(len(members), int((banks >= 0).sum()), dtype=torch.bool, device=banks.device)
+    for row, group in zip(table, members):
+        ranks = banks[group]
+        row[ranks[ranks >= 0]] = True
     return table
