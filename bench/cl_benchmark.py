@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from moram_cli import __version__
@@ -590,13 +591,24 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path)
 
 
-def write_results(result: dict, args: argparse.Namespace) -> list[Path]:
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    paths = [args.results_dir / f"{args.results_name}.{suffix}" for suffix in ("json", "md", "png")]
+def write_reports(result: dict, directory: Path, name: str, markdown: Callable[[dict], str] | None = None,
+                  plot: Callable[[dict, Path], None] | None = None) -> list[Path]:
+    """A bench script's results: `name`.json in `directory`, with `name`.md and `name`.png where a report and a plot
+    are given."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{name}.json"]
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown_report(result))
-    plot(result, paths[2])
+    if markdown is not None:
+        paths.append(directory / f"{name}.md")
+        paths[-1].write_text(markdown(result))
+    if plot is not None:
+        paths.append(directory / f"{name}.png")
+        plot(result, paths[-1])
     return paths
+
+
+def write_results(result: dict, args: argparse.Namespace) -> list[Path]:
+    return write_reports(result, args.results_dir, args.results_name, markdown_report, plot)
 
 
 def _say(args: argparse.Namespace, message: str) -> None:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cl_benchmark import REPO, _say, script_main
+from cl_benchmark import REPO, _say, script_main, write_reports
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,10 +77,7 @@ def compare(codes: dict[str, Path], args: argparse.Namespace, scoring: str, exam
 
 
 def write_results(result: dict, args: argparse.Namespace) -> list[Path]:
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{args.results_name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return [path]
+    return write_reports(result, args.results_dir, args.results_name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,14 +19,13 @@ benchmark chose (bench/results/cl-benchmark.json).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from cl_benchmark import REPO, Benchmark, _say, paired, prepare_data, script_main
+from cl_benchmark import REPO, Benchmark, _say, paired, prepare_data, script_main, write_reports
 
 from moram_cli.errors import MoramError
 from moram_cli.evaluation.cl_metrics import shown
@@ -239,13 +238,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_results(result: dict, args: argparse.Namespace) -> list[Path]:
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    paths = [args.results_dir / f"{args.results_name}.{suffix}" for suffix in ("json", "md", "png")]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown_report(result))
-    plot(result, paths[2])
     _say(args, f"wall {result['wall_seconds']} s")
-    return paths
+    return write_reports(result, args.results_dir, args.results_name, markdown_report, plot)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,14 +11,13 @@ the training file the bank records. Writes bench/results/routing-depth.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from cl_benchmark import REPO, script_main
+from cl_benchmark import REPO, script_main, write_reports
 from moram_cli.data.encode import encode_dataset, split_example
 from moram_cli.data.jsonl import read_examples
 from moram_cli.models.memory import build_memory_model
@@ -74,9 +73,7 @@ def every_module_prototype(model, tokenizer, bank: Bank, modules: list[str]) -> 
 
 
 def write_results(result: dict, args: argparse.Namespace) -> list[Path]:
-    path = args.results_dir / "routing-depth.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return [path]
+    return write_reports(result, args.results_dir, "routing-depth")
 
 
 def main(argv: list[str] | None = None) -> int:

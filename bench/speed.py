@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from cl_benchmark import REPO, _say, script_main
+from cl_benchmark import REPO, _say, script_main, write_reports
 from moram_cli import __version__
 from moram_cli.data.encode import split_example
 from moram_cli.data.jsonl import read_examples
@@ -255,11 +254,7 @@ def markdown_report(result: dict) -> str:
 
 
 def write_results(result: dict, args: argparse.Namespace) -> list[Path]:
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    paths = [args.results_dir / f"{args.results_name}.{suffix}" for suffix in ("json", "md")]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown_report(result))
-    return paths
+    return write_reports(result, args.results_dir, args.results_name, markdown_report)
 
 
 def main(argv: list[str] | None = None) -> int:
