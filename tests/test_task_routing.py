@@ -141,3 +141,35 @@ def test_a_bank_without_prototypes_in_a_task_routed_store_is_named_by_load_and_v
         build_memory_model(MemoryStore.open(store))
     problems = verify_store(store)["problems"]
     assert len(problems) == 2 and all("lacks the task prototypes" in problem for problem in problems)
+
+
+def test_gate_scope_task_learns_each_task_alone_and_answers_with_its_bank_alone(tmp_path, tiny_model_dir, tiny_task, write_jsonl):
+    init = dict(base_model=str(tiny_model_dir), r=4, k=2, gate_scope="task")
+    adapter = init_store(tmp_path / "own", **init)["adapter"]
+    assert (adapter["routing"], adapter["key_init"]) == ("task", "kaiming")
+    counting = write_jsonl(tmp_path / "counting.jsonl", COUNTING)
+    learn_both(tmp_path / "own", tiny_task, counting)
+    opened = MemoryStore.open(tmp_path / "own")
+    full, tokenizer = build_memory_model(opened)
+    # Counting's inputs are answered by its bank alone, as a store holding only that bank answers them.
+    init_store(tmp_path / "alone", **init)
+    MemoryStore.open(tmp_path / "alone").add_bank("counting", opened.banks()[1].tensors(), {})
+    alone, _ = build_memory_model(MemoryStore.open(tmp_path / "alone"))
+    text = COUNTING[3]["prompt"]
+    torch.testing.assert_close(logits(full, tokenizer, text), logits(alone, tokenizer, text), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(full, tokenizer, text), logits(build_memory_model(opened, upto=1)[0], tokenizer, text), atol=1e-3)
+    # A new task trains on the bare model plus its own ranks: the frozen banks change nothing in training.
+    init_store(tmp_path / "empty", **init)
+    fresh, _ = build_memory_model(MemoryStore.open(tmp_path / "empty"))
+    for model in (full, fresh):
+        model.add_task_ranks(4, seed=3)
+        for layer in model.moram_layers().values():
+            layer.moram_B["default"].data = torch.randn(layer.moram_B["default"].shape, generator=torch.Generator().manual_seed(5))
+        model.train()
+    torch.testing.assert_close(logits(full, tokenizer, text), logits(fresh, tokenizer, text), atol=1e-6, rtol=1e-6)
+
+
+def test_gate_scope_task_needs_task_routing(tmp_path, tiny_model_dir):
+    with pytest.raises(MoramError, match="--gate-scope task answers each input with its own task's bank, which needs --routing task"):
+        init_store(tmp_path / "bad", base_model=str(tiny_model_dir), gate_scope="task", routing="token")
+    assert not (tmp_path / "bad").exists()

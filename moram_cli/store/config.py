@@ -21,9 +21,10 @@ ROUTINGS = ("token", "task", "source")
 # How a later task's new keys start: at random as the method is written, from the task's own inputs, or copied from
 # the previous bank (moram_cli.training.key_init).
 KEY_INITS = ("kaiming", "data", "warm")
-# Over which ranks the gate normalises, keeps k and softmaxes: all at once (the method), or each bank's apart, the banks'
-# outputs added (moram_cli.tuner.gating).
-GATE_SCOPES = ("all", "bank")
+# Over which ranks the gate normalises, keeps k and softmaxes: all at once (the method), each bank's apart, the banks'
+# outputs added (moram_cli.tuner.gating), or the sequence's own task's bank alone: a task is learned on the bare model
+# plus its new bank, and task routing answers each sequence with the one bank of its nearest task.
+GATE_SCOPES = ("all", "bank", "task")
 # The base model's dtype, by its torch name (moram_cli.models.loading).
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -92,15 +92,19 @@ def _check_adapter(a: AdapterSettings) -> None:
 
 def _method_adapter(a: AdapterSettings, method: str) -> AdapterSettings:
     """LoRA's alpha defaults to r: a scaling of 1, as MoRAM and IncLoRA apply, so the methods differ only in how ranks combine.
-    New keys start from the task's data in MoRAM and at random in the baselines, as published; only MoRAM routes by task."""
-    if a.key_init is None:
-        a = replace(a, key_init=DEFAULT_KEY_INIT if method == "moram" else "kaiming")
+    New keys start from the task's data in MoRAM (at random under gate scope task) and at random in the baselines, as
+    published; only MoRAM routes by task."""
     if a.routing is None:
         a = replace(a, routing=DEFAULT_ROUTING if method == "moram" else "token")
     if a.gate_scope is None:
         a = replace(a, gate_scope=DEFAULT_GATE_SCOPE if method == "moram" else "all")
+    if a.key_init is None:
+        # A bank that never meets another's experts starts as a first task's does.
+        a = replace(a, key_init=DEFAULT_KEY_INIT if method == "moram" and a.gate_scope != "task" else "kaiming")
     if a.gate_scope != "all" and method != "moram":
         raise MoramError(f"--gate-scope {a.gate_scope} needs method moram; the {method} baseline has no gate, use --gate-scope all")
+    if a.gate_scope == "task" and a.routing != "task":
+        raise MoramError(f"--gate-scope task answers each input with its own task's bank, which needs --routing task, not {a.routing}")
     if a.routing == "task" and method != "moram":
         raise MoramError(f"--routing task needs method moram; the {method} baseline has no gate to route, use --routing token")
     if method != "lora":

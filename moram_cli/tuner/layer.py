@@ -71,7 +71,7 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self.frozen_sizes: list[int] = []
         # Each bank's rank indices (frozen banks, then the trainable one), a row per bank padded with -1: read by the gate
-        # when config.gate_scope is "bank", and by routing. A buffer, so that it moves with the model.
+        # when config.gate_scope is "bank" or "task", and by routing. A buffer, so that it moves with the model.
         self.register_buffer("bank_table", None, persistent=False)
 
     @property
@@ -83,9 +83,15 @@ class MoramLayer(nn.Module, BaseTunerLayer):
     def kept_per_token(self) -> int:
         """How many ranks a token's gate can keep: k_eff (at least 2), per bank when the gate is bank-scoped."""
         k_eff = max(self.config.k, 2)
-        if self.config.gate_scope != "bank" or self.bank_table is None:
+        if self.config.gate_scope == "all" or self.bank_table is None:
             return k_eff
         return sum(min(k_eff, int(size)) for size in (self.bank_table >= 0).sum(1))
+
+    @property
+    def learns_alone(self) -> bool:
+        """Whether the trainable bank runs without the frozen ones: in training under gate scope "task", where each task
+        is learned on the bare model plus its own bank, as task routing will answer it."""
+        return self.config.gate_scope == "task" and self.training and self.active_adapters[0] in self.moram_A
 
     def set_frozen(self, A: torch.Tensor, B: torch.Tensor, sizes: list[int] | None = None) -> None:
         """Install the stacked ranks of all earlier tasks (`A`: R×d_in, `B`: d_out×R), `sizes` ranks per bank (one bank
@@ -160,6 +166,8 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         """Keys (R×d_in) and values (d_out×R) of every rank, frozen then trainable: R is small next to the tokens of a
         batch, so joining them costs little, and the gate and the mix then run once over all ranks."""
         name = self.active_adapters[0]
+        if self.learns_alone:
+            return self.moram_A[name], self.moram_B[name]
         parts = [(d_A[name], d_B[name]) for d_A, d_B in ((self.moram_A_frozen, self.moram_B_frozen), (self.moram_A, self.moram_B))
                  if name in d_A]
         if len(parts) < 2:
@@ -172,7 +180,7 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         if router is not None and router.measuring:
             router.add_scores(z, self.bank_table)
         member = router.member(self.group_member, z.dim()) if router is not None and not router.measuring else None
-        if self.config.gate_scope == "bank":
+        if self.config.gate_scope != "all" and not self.learns_alone:
             indices, g = kept_per_bank(z, self.config.k, self.config.temperature, threshold, member, self.bank_table)
         else:
             indices, g = kept_ranks(z, self.config.k, self.config.temperature, threshold, member)

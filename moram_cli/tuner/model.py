@@ -55,11 +55,11 @@ class MoramModel(BaseTuner):
         self._route(SourceRouter(members, banks=self._banks()), members)
 
     def route_by_task(self, prototypes: dict[str, torch.Tensor]) -> None:
-        """Answer each sequence with the banks up to the task it resembles most: `prototypes` maps each module the
-        router reads to its banks' task prototypes (banks × d_in)."""
-        router = TaskRouter(banks=self._banks())
-        self._route(router, router.members)
+        """Answer each sequence with the banks up to the task it resembles most (that task's bank alone under gate scope
+        "task"): `prototypes` maps each module the router reads to its banks' task prototypes (banks × d_in)."""
         layers = self.moram_layers()
+        router = TaskRouter(banks=self._banks(), alone=next(iter(layers.values())).config.gate_scope == "task")
+        self._route(router, router.members)
         read = set(routing_modules(list(layers)))
         for name, layer in layers.items():
             layer.prototypes = prototypes[name].to(layer.get_base_layer().weight.device) if name in read else None

@@ -23,7 +23,7 @@ task's text); the inputs can. Each bank records its task's prototype, the
 mean input of its tokens to every adapted module on the bare base model; the
 first pass runs the bare model and picks the bank whose prototypes are
 nearest (squared distance summed over the modules) to the sequence's mean
-inputs. Routing acts at inference only: training gates over every rank.
+inputs. Routing acts at inference only: training gates over every rank (under gate scope "task", over the new bank's alone).
 The first pass reads the modules of the first `ROUTING_BLOCKS` blocks only
 and stops there, so it costs a few blocks of the model, not a whole pass.
 """
@@ -138,7 +138,8 @@ class SourceRouter:
 
 
 class TaskRouter(SourceRouter):
-    """Picks, per sequence, the banks up to the one whose task prototypes are nearest to the sequence's inputs.
+    """Picks, per sequence, the banks up to the one whose task prototypes are nearest to the sequence's inputs, or that
+    bank alone (`alone`: each task was learned without the others, gate scope "task").
 
     The groups are the store's prefixes (banks 1..b); a prefix scores as its
     best bank, and ties go to the shortest, so the choice is the prefix ending
@@ -147,8 +148,8 @@ class TaskRouter(SourceRouter):
 
     reads_inputs = True
 
-    def __init__(self, banks: int) -> None:
-        super().__init__([list(range(b + 1)) for b in range(banks)], banks)
+    def __init__(self, banks: int, alone: bool = False) -> None:
+        super().__init__([[b] if alone else list(range(b + 1)) for b in range(banks)], banks)
 
     def observe(self, x: torch.Tensor, prototypes: torch.Tensor) -> None:
         """Score every bank by minus the squared distance of the sequence's mean input `x` (batch first) to its prototype."""
