@@ -8,10 +8,7 @@ import torch
 
 from moram_cli.data.batching import collate, length_bucketed_batches
 from moram_cli.data.encode import Encoded
-
-
-class PassSeen(Exception):
-    """Raised by an observer once it has seen all it needs of a batch: the rest of the model's pass is skipped."""
+from moram_cli.tuner.routing import PassSeen
 
 
 @torch.no_grad()

@@ -41,8 +41,9 @@ from torch import nn
 ROUTING_BLOCKS = 4
 
 
-class Routed(Exception):
-    """Ends the task router's first pass once every module it reads has been seen."""
+class PassSeen(Exception):
+    """Raised by an observer inside the model once it has seen all it needs of a batch (the task router's first pass,
+    the data-key pass): the rest of the model's pass is skipped."""
 
 
 def block_index(name: str) -> int | None:
@@ -130,7 +131,7 @@ class SourceRouter:
             with torch.no_grad():
                 fresh = {key: None for key in ("cache", "past_key_values", "labels") if key in kwargs}
                 model(*args, **{**kwargs, **fresh, "use_cache": False, "logits_to_keep": 1})
-        except Routed:
+        except PassSeen:
             pass
         finally:
             self.measuring = False
@@ -158,7 +159,7 @@ class TaskRouter(SourceRouter):
         self._scores -= torch.cdist(mean.float(), prototypes.to(device=x.device, dtype=torch.float32)).square()
         self.unseen -= 1
         if self.unseen == 0:
-            raise Routed
+            raise PassSeen
 
 
 def group_table(members: list[list[int]], banks: torch.Tensor) -> torch.Tensor:
