@@ -205,7 +205,7 @@ class Benchmark:
     def store_settings(self, method: str, setting: dict) -> dict:
         a = self.args
         r = a.r if method in ("moram", "inclora") else a.r * len(self.order)
-        gate = {k: setting[k] for k in ("temperature", "k", "threshold", "key_init", "routing", "gate_scope", "max_grad_norm") if k in setting}
+        gate = {k: setting[k] for k in ("temperature", "k", "threshold", "key_init", "routing", "gate_scope", "gain_lr", "max_grad_norm") if k in setting}
         return {"base_model": a.base_model, "method": "lora" if method == "mtl" else method, "r": r,
                 "target_modules": a.target_modules.split(","), "lr": setting["lr"],
                 "later_lr": setting.get("later_lr"), "epochs": a.epochs, "batch_size": a.batch_size, "max_length": a.max_length,

@@ -46,6 +46,7 @@ def build_store(work: Path) -> None:
     import torch
 
     from moram_cli.store import MemoryStore
+    from moram_cli.store.bank import PROTOTYPE
     from moram_cli.store.init import init_store
 
     (work / "model").mkdir()
@@ -58,7 +59,7 @@ def build_store(work: Path) -> None:
                 for layer in range(LAYERS) for name, d_out in (("q_proj", HIDDEN), ("k_proj", KV))}
         test = {"data": f"/data/{task}/test.jsonl", "data_sha256": "0" * 64, "scoring": "choice", "examples": 80}
         record = {"test": test, "before": 0.3, "zero_shot": 0.3, "row": dict.fromkeys(tasks[: i + 1], 0.8)}
-        store.add_bank(task, bank, {"cl": record}, {module: torch.randn(HIDDEN, generator=generator) for module in bank})
+        store.add_bank(task, bank, {"cl": record}, {PROTOTYPE: {module: torch.randn(HIDDEN, generator=generator) for module in bank}})
 
 
 def run(checkout: Path, work: Path, args: list[str], expect: int, *extra: str) -> tuple[float, float, str]:

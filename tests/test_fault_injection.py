@@ -190,12 +190,13 @@ def base(tmp_path, tiny_model_dir, tiny_task) -> tuple[Path, str, float]:
     from conftest import random_bank
     from moram_cli.cli import app
     from moram_cli.store import MemoryStore
+    from moram_cli.store.bank import PROTOTYPE
 
     store = tmp_path / "base"
     assert CliRunner().invoke(app, ["init", str(store), "--base-model", str(tiny_model_dir), "--r", "4", "--k", "2", "--dropout", "0.1"]).exit_code == 0
     first = random_bank(4, seed=7)
     # A task-routed store (the default): every bank carries its task's prototypes.
-    MemoryStore.open(store).add_bank("first", first, {"examples": 0}, {m: torch.full((A.shape[1],), 0.1) for m, (A, _) in first.items()})
+    MemoryStore.open(store).add_bank("first", first, {"examples": 0}, {PROTOTYPE: {m: torch.full((A.shape[1],), 0.1) for m, (A, _) in first.items()}})
     shutil.copytree(store, tmp_path / "reference")
     reference = tmp_path / "reference"
     held = _lock_seconds([sys.executable, "-m", "moram_cli", "learn-task", str(reference), "--data", str(tiny_task.train), *SETTINGS, "--json"],

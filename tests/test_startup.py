@@ -13,6 +13,7 @@ import torch
 import moram_cli
 from conftest import random_bank
 from moram_cli.store import MemoryStore
+from moram_cli.store.bank import PROTOTYPE
 from moram_cli.store.init import init_store
 
 HEAVY = ("torch", "transformers", "peft", "accelerate")
@@ -54,7 +55,7 @@ def recorded_store(path: Path, model: Path) -> Path:
         bank = random_bank(4, i)
         record = {"test": {"data": f"/data/{task}/test.jsonl", "data_sha256": "0" * 64, "scoring": "choice", "examples": 6},
                   "before": 0.3, "zero_shot": 0.3, "row": dict(zip(tasks, [[0.8], [0.7, 0.9]][i]))}
-        store.add_bank(task, bank, {"cl": record}, {module: torch.randn(A.shape[1]) for module, (A, _) in bank.items()})
+        store.add_bank(task, bank, {"cl": record}, {PROTOTYPE: {module: torch.randn(A.shape[1]) for module, (A, _) in bank.items()}})
     return path
 
 

@@ -170,6 +170,6 @@ def test_gate_scope_task_learns_each_task_alone_and_answers_with_its_bank_alone(
 
 
 def test_gate_scope_task_needs_task_routing(tmp_path, tiny_model_dir):
-    with pytest.raises(MoramError, match="--gate-scope task answers each input with its own task's bank, which needs --routing task"):
+    with pytest.raises(MoramError, match="--gate-scope task answers each input as its own task learned to, which needs --routing task"):
         init_store(tmp_path / "bad", base_model=str(tiny_model_dir), gate_scope="task", routing="token")
     assert not (tmp_path / "bad").exists()

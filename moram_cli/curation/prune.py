@@ -77,8 +77,8 @@ def _drop_ranks(store: MemoryStore, keep: dict[str, torch.Tensor], note: dict) -
         before, after = (sum(A.shape[0] for A, _ in t.values()) for t in (tensors, kept))
         dropped[bank.path.name] = before - after
         if after < before:
-            metadata, prototypes = bank.metadata(), bank.prototypes()
+            metadata, extras = bank.metadata(), bank.extras()
             metadata["pruned"] = {**note, "ranks_before": before, "ranks_after": after, "weights_sha256_before": metadata["weights_sha256"]}
             shutil.rmtree(bank.path)
-            write_bank(bank.path, kept, metadata, prototypes)
+            write_bank(bank.path, kept, metadata, extras)
     return dropped

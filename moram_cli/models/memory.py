@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from moram_cli.errors import MoramError
 from moram_cli.models.loading import load_base_model
 from moram_cli.store import Bank, MemoryStore
-from moram_cli.store.bank import MISSING_GROUPS, MISSING_PROTOTYPES, BankTensors, routing_groups
+from moram_cli.store.bank import GAINS, MISSING_GAINS, MISSING_GROUPS, MISSING_PROTOTYPES, BankTensors, routing_groups
 from moram_cli.store.config import GATE_SCOPES, KEY_INITS, METHODS, ROUTINGS
 from moram_cli.tuner import MoramConfig, MoramModel, SeqLoraModel
 from moram_cli.tuner.routing import routing_modules
@@ -64,7 +64,8 @@ def build_memory_model(
         if store.config.method == "lora":
             model.set_memory(per_bank[-1])
         else:
-            model.set_memory(stack_banks(per_bank), rank_counts(per_bank))
+            gains = gain_tables(banks[:upto], list(per_bank[0])) if store.config.adapter.gate_scope == "weighted" else None
+            model.set_memory(stack_banks(per_bank), rank_counts(per_bank), gains)
     if per_bank and store.config.method == "inclora":
         # Ungated frozen ranks always add their whole B A x: folded into the base weight, they cost nothing per token.
         model.fold_frozen()
@@ -100,6 +101,19 @@ def bank_prototypes(banks: list[Bank]) -> list[dict[str, torch.Tensor]]:
         if not recorded:
             raise MoramError(f"{bank.path}: {MISSING_PROTOTYPES}")
     return prototypes
+
+
+def gain_tables(banks: list[Bank], modules: list[str]) -> dict[str, torch.Tensor]:
+    """Module name -> banks × banks, row b weighing each bank when the answer is bank b's task: the gains over the banks
+    before it that its learn-task recorded (gate scope weighted), 1 for itself, 0 for the banks after it."""
+    tables = {module: torch.eye(len(banks)) for module in modules}
+    for b, bank in enumerate(banks[1:], start=1):
+        gains = bank.extras().get(GAINS, {})
+        for module, table in tables.items():
+            if module not in gains or tuple(gains[module].shape) != (b,):
+                raise MoramError(f"{bank.path}: {MISSING_GAINS}")
+            table[b, :b] = gains[module]
+    return tables
 
 
 def route_by_task(model: MoramModel, prototypes: list[dict[str, torch.Tensor]]) -> None:

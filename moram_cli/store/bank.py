@@ -23,6 +23,7 @@ from moram_cli.store.yamlio import read_yaml, write_yaml
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "bank.yaml"
 MISSING_PROTOTYPES = "the bank lacks the task prototypes a task-routed store needs; the bank is corrupt, restore it from a backup"
+MISSING_GAINS = "the bank lacks the earlier-bank gains a store with gate scope weighted needs; the bank is corrupt, restore it from a backup"
 MISSING_GROUPS = "bank.yaml lacks the routing_groups a source-routed store needs; the bank is corrupt, merge its sources again"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DIR_PATTERN = re.compile(r"[0-9]{3,}-" + NAME_PATTERN.pattern)
@@ -37,9 +38,14 @@ BankTensors = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
 BankArrays = dict[str, tuple["np.ndarray", "np.ndarray"]]
 # The safetensors dtypes numpy holds; it lacks bfloat16 and the float8 formats (moram writes its banks in float32).
 NUMPY_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"})
-# Entries `<module>.prototype` beside a bank's keys and values: the mean input of its task's tokens to that module on
-# the bare base model, by which a task-routed store recognises the task's inputs (moram_cli.tuner.routing).
+# Entries `<module>.<suffix>` beside a bank's keys and values (its "extras"). `prototype`: the mean input of its task's
+# tokens to that module on the bare base model, by which a task-routed store recognises the task's inputs
+# (moram_cli.tuner.routing). `gains`: under gate scope weighted, the weight of each earlier bank's output in this task's
+# answers there (moram_cli.tuner.layer).
 PROTOTYPE = "prototype"
+GAINS = "gains"
+EXTRAS = (PROTOTYPE, GAINS)
+Extras = dict[str, dict[str, "torch.Tensor"]]
 
 
 def check_task_name(name: str) -> str:
@@ -100,13 +106,21 @@ class Bank:
             flat |= {key: tensor.float().numpy() for key, tensor in self._entries("pt", foreign.__contains__).items()}
         return unflatten(flat, self.path)
 
+    def extras(self) -> Extras:
+        """Suffix -> module name -> this bank's entry `<module>.<suffix>`, for every suffix of EXTRAS it recorded."""
+        found: Extras = {}
+        for key, tensor in self._entries("pt", lambda key: extra_suffix(key) is not None).items():
+            module, suffix = key.rsplit(".", 1)
+            found.setdefault(suffix, {})[module] = tensor
+        return found
+
     def prototypes(self) -> dict[str, torch.Tensor]:
         """Module name -> this bank's task prototype there; empty when none was recorded."""
-        return {key.rsplit(".", 1)[0]: tensor for key, tensor in self._entries("pt", is_prototype).items()}
+        return self.extras().get(PROTOTYPE, {})
 
-    def has_prototypes(self) -> bool:
-        """Whether the bank recorded task prototypes, read from the safetensors header alone."""
-        return any(map(is_prototype, self._header()))
+    def has_extra(self, suffix: str) -> bool:
+        """Whether the bank recorded entries `<module>.<suffix>`, read from the safetensors header alone."""
+        return any(extra_suffix(key) == suffix for key in self._header())
 
     def shapes(self) -> dict[str, tuple[list[int], list[int]]]:
         """Module name -> (shape of A, shape of B), read from the safetensors header alone."""
@@ -132,8 +146,10 @@ class Bank:
             raise MoramError(f"{self.path}: bank weights cannot be read ({one_line(str(exc), 120)}); restore the bank from a backup") from None
 
 
-def is_prototype(key: str) -> bool:
-    return key.endswith(f".{PROTOTYPE}")
+def extra_suffix(key: str) -> str | None:
+    """The EXTRAS suffix of a weights-file key, None for a key of the ranks themselves."""
+    suffix = key.rsplit(".", 1)[-1]
+    return suffix if suffix in EXTRAS else None
 
 
 def routing_groups(metadata: dict) -> list[int] | None:
@@ -143,14 +159,15 @@ def routing_groups(metadata: dict) -> list[int] | None:
     return groups if valid else None
 
 
-def flatten(tensors: BankTensors, prototypes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Keys `<module>.A` (the keys of the memory), `<module>.B` (its values) and, when given, `<module>.prototype`."""
+def flatten(tensors: BankTensors, extras: Extras | None = None) -> dict[str, torch.Tensor]:
+    """Keys `<module>.A` (the keys of the memory), `<module>.B` (its values) and `<module>.<suffix>` for the extras given."""
     flat = {}
     for module, (A, B) in tensors.items():
         flat[f"{module}.A"] = A.contiguous()
         flat[f"{module}.B"] = B.contiguous()
-    for module, prototype in (prototypes or {}).items():
-        flat[f"{module}.{PROTOTYPE}"] = prototype.contiguous()
+    for suffix, per_module in (extras or {}).items():
+        for module, tensor in per_module.items():
+            flat[f"{module}.{suffix}"] = tensor.contiguous()
     return flat
 
 
@@ -163,14 +180,14 @@ def unflatten(flat: dict, where: Path) -> dict:
         raise MoramError(f"{where}: bank is missing tensor {exc.args[0]}; restore the bank from a backup") from None
 
 
-def write_bank(directory: Path, tensors: BankTensors, metadata: dict, prototypes: dict[str, torch.Tensor] | None = None) -> None:
+def write_bank(directory: Path, tensors: BankTensors, metadata: dict, extras: Extras | None = None) -> None:
     """Write a bank's files into `directory` (a staging directory: the store renames it into place)."""
     from safetensors.torch import save_file  # the tensors come from a model, which loaded torch already
 
     directory.mkdir(parents=True)
     weights = directory / WEIGHTS_FILE
     try:
-        save_file(flatten(tensors, prototypes), str(weights))
+        save_file(flatten(tensors, extras), str(weights))
     except SafetensorError as exc:
         # safetensors reports I/O failures (disk full, read-only) as its own error, not as OSError.
         raise OSError(errno.EIO, one_line(str(exc), 160)) from None

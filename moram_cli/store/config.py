@@ -23,8 +23,10 @@ ROUTINGS = ("token", "task", "source")
 KEY_INITS = ("kaiming", "data", "warm")
 # Over which ranks the gate normalises, keeps k and softmaxes: all at once (the method), each bank's apart, the banks'
 # outputs added (moram_cli.tuner.gating), or the sequence's own task's bank alone: a task is learned on the bare model
-# plus its new bank, and task routing answers each sequence with the one bank of its nearest task.
-GATE_SCOPES = ("all", "bank", "task")
+# plus its new bank, and task routing answers each sequence with the one bank of its nearest task. `weighted` gates as
+# `bank` does, and each task learns a gain per earlier bank by which its answers weigh that bank's output (between
+# `bank`, every gain 1, and `task`, every gain 0), so a task can turn down the earlier banks that hinder it.
+GATE_SCOPES = ("all", "bank", "task", "weighted")
 # The base model's dtype, by its torch name (moram_cli.models.loading).
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -66,7 +68,9 @@ class TrainingSettings:
     `max_grad_norm` (None: off) clips the trainable ranks' gradient norm.
 
     `lr` trains the first task; `later_lr` (None: `lr` too) every task after
-    it. A later task's fresh experts compete in the gate with trained ones, and
+    it. `gain_lr` trains the earlier-bank gains of gate scope weighted: they
+    start at 1 and an Adam step moves each by about the rate, so a task's
+    rate would leave them nearly where they start. A later task's fresh experts compete in the gate with trained ones, and
     a large step lets them take over tokens the old experts served: on
     SmolLM2-135M, DBpedia (learnt at 2e-3) kept 0.76 of its 0.78 accuracy when
     Amazon followed at 5e-4, 0.71 at 1e-3 and 0.58 at 2e-3; learning the first
@@ -76,6 +80,7 @@ class TrainingSettings:
     epochs: float = 1.0
     lr: float = 2e-3
     later_lr: float | None = 5e-4
+    gain_lr: float = 5e-2
     batch_size: int = 8
     max_length: int = 512
     seed: int = 0

@@ -103,8 +103,8 @@ def _method_adapter(a: AdapterSettings, method: str) -> AdapterSettings:
         a = replace(a, key_init=DEFAULT_KEY_INIT if method == "moram" and a.gate_scope != "task" else "kaiming")
     if a.gate_scope != "all" and method != "moram":
         raise MoramError(f"--gate-scope {a.gate_scope} needs method moram; the {method} baseline has no gate, use --gate-scope all")
-    if a.gate_scope == "task" and a.routing != "task":
-        raise MoramError(f"--gate-scope task answers each input with its own task's bank, which needs --routing task, not {a.routing}")
+    if a.gate_scope in ("task", "weighted") and a.routing != "task":
+        raise MoramError(f"--gate-scope {a.gate_scope} answers each input as its own task learned to, which needs --routing task, not {a.routing}")
     if a.routing == "task" and method != "moram":
         raise MoramError(f"--routing task needs method moram; the {method} baseline has no gate to route, use --routing token")
     if method != "lora":

@@ -52,6 +52,10 @@ def plan_merge(sources: list[Path], tasks: list[str] | None, routing: str | None
     `routing` defaults to "source" for moram stores and "token" for the baselines.
     """
     stores = [MemoryStore.open(path) for path in sources]
+    weighted = next((store for store in stores if store.config.adapter.gate_scope == "weighted"), None)
+    if weighted is not None:
+        raise MoramError(f"{weighted.path}: its banks weigh the banks before them in their own store (gate scope weighted), "
+                         "which a merged store does not keep; merge stores of another gate scope")
     for other in stores[1:]:
         check_mergeable(stores[0], other)
     routing = _routing(routing, stores[0].config.method)

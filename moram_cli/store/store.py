@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moram_cli.errors import MoramError
-from moram_cli.store.bank import Bank, BankTensors, check_task_name, copy_bank, is_bank_dir, write_bank
+from moram_cli.store.bank import Bank, BankTensors, Extras, check_task_name, copy_bank, is_bank_dir, write_bank
 from moram_cli.store.config import CONFIG_FILE, StoreConfig
 from moram_cli.store.permissions import follow_umask
 
@@ -89,9 +89,9 @@ class MemoryStore:
         if any(b.name == name for b in self.banks()):
             raise MoramError(f"{self.path}: a task named {name!r} is already in the store; pick another --name")
 
-    def add_bank(self, name: str, tensors: BankTensors, metadata: dict, prototypes: dict[str, torch.Tensor] | None = None) -> Bank:
-        """Append a bank (with its task's `prototypes`, if any) atomically: written in staging, then renamed to `banks/<NNN>-<name>`."""
-        return self._append(name, lambda directory, index: write_bank(directory, tensors, {"index": index, "task": name, **metadata}, prototypes))
+    def add_bank(self, name: str, tensors: BankTensors, metadata: dict, extras: Extras | None = None) -> Bank:
+        """Append a bank (with its `extras`, such as its task's prototypes, if any) atomically: written in staging, then renamed to `banks/<NNN>-<name>`."""
+        return self._append(name, lambda directory, index: write_bank(directory, tensors, {"index": index, "task": name, **metadata}, extras))
 
     def copy_bank(self, source: Bank, name: str, metadata: dict) -> Bank:
         """Append a copy of another store's bank under `name`: its weights byte for byte, checked against their hash."""

@@ -12,7 +12,10 @@ import numpy as np
 
 from moram_cli.errors import MoramError
 from moram_cli.safe_text import one_line
-from moram_cli.store.bank import META_FILE, MISSING_GROUPS, MISSING_PROTOTYPES, Bank, BankArrays, is_bank_dir, routing_groups
+from moram_cli.store.bank import (
+    GAINS, META_FILE, MISSING_GAINS, MISSING_GROUPS, MISSING_PROTOTYPES, PROTOTYPE, Bank, BankArrays, is_bank_dir, routing_groups,
+)
+from moram_cli.store.config import AdapterSettings
 from moram_cli.store.lock import lock_message
 from moram_cli.store.store import BANKS_DIR, RESUME_PREFIX, STAGING_DIR, MemoryStore
 
@@ -44,7 +47,7 @@ def verify_store(store_path: Path) -> dict:
     warnings. Returns the report that `--json` prints.
     """
     store = MemoryStore.open(store_path)
-    banks = [_check_bank(bank, position, store.config.adapter.routing) for position, bank in enumerate(store.banks(), start=1)]
+    banks = [_check_bank(bank, position, store.config.adapter) for position, bank in enumerate(store.banks(), start=1)]
     _check_alike(banks)
     reports = banks + _strays(store.path / BANKS_DIR)
     problems = [problem for report in reports for problem in report.problems]
@@ -61,14 +64,14 @@ def require_healthy(report: dict) -> dict:
     return report
 
 
-def _check_bank(bank: Bank, position: int, routing: str) -> BankReport:
+def _check_bank(bank: Bank, position: int, adapter: AdapterSettings) -> BankReport:
     report = BankReport(bank.path)
     if bank.index != position:
         report.problems.append(
             f"{bank.path}: numbered {bank.index:03d} where bank {position:03d} should be (a bank is missing or numbered twice); "
             "restore the missing bank from a backup"
         )
-    metadata = _check_metadata(bank, report, routing == "source")
+    metadata = _check_metadata(bank, report, adapter.routing == "source")
     try:
         # Without a recorded hash there is nothing to compare; the metadata check has said so already.
         arrays = bank.arrays(verify=metadata is not None and "weights_sha256" in metadata)
@@ -76,8 +79,10 @@ def _check_bank(bank: Bank, position: int, routing: str) -> BankReport:
         report.problems.append(str(err))
         return report
     _check_arrays(bank, arrays, report)
-    if routing == "task" and not bank.has_prototypes():
+    if adapter.routing == "task" and not bank.has_extra(PROTOTYPE):
         report.problems.append(f"{bank.path}: {MISSING_PROTOTYPES}")
+    if adapter.gate_scope == "weighted" and position > 1 and not bank.has_extra(GAINS):
+        report.problems.append(f"{bank.path}: {MISSING_GAINS}")
     return report
 
 

@@ -153,13 +153,14 @@ def whole_model(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[No
         yield
 
 
-def gathered_ranks(accelerator: Accelerator, model, params: list[torch.nn.Parameter]) -> BankTensors:
-    """The trained ranks, whole, on every process: under ZeRO-3 each process holds only a shard of them."""
+def gathered_ranks(accelerator: Accelerator, model, params: list[torch.nn.Parameter]) -> tuple[BankTensors, dict[str, torch.Tensor]]:
+    """The trained ranks and earlier-bank gains, whole, on every process: under ZeRO-3 each process holds only a shard of them."""
     inner = accelerator.unwrap_model(model)
     if not (uses_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3):
-        return inner.task_ranks()
+        return inner.task_ranks(), inner.task_gains()
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         # Copies: leaving the block re-partitions the parameters under these views.
-        return {module: (A.clone(), B.clone()) for module, (A, B) in inner.task_ranks().items()}
+        return ({module: (A.clone(), B.clone()) for module, (A, B) in inner.task_ranks().items()},
+                {module: gains.clone() for module, gains in inner.task_gains().items()})

@@ -20,7 +20,7 @@ from moram_cli.evaluation.evaluate import evaluate_examples
 from moram_cli.hashing import sha256_file
 from moram_cli.models.memory import bank_prototypes, build_memory_model, route_by_task
 from moram_cli.store import MemoryStore, TrainingSettings
-from moram_cli.store.bank import BankTensors, check_task_name
+from moram_cli.store.bank import GAINS, PROTOTYPE, BankTensors, Extras, check_task_name
 from moram_cli.store.lock import lock_message, stale_lock
 from moram_cli.training.checkpoint import (
     Checkpoint, ResumeData, check_resumable, checkpoint_to_resume, finished_bank, latest_step_dir, remove_resume_data,
@@ -184,8 +184,11 @@ def _learn(
         summary |= accuracy_row(store, model, tokenizer, summary, baseline, settings.max_length, show_eval)
     summary |= {"wall_seconds": round(time.time() - started, 1), "tool_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    ranks = gathered_ranks(accelerator, loop.model, params)
-    summary["bank"] = on_main(accelerator, lambda: _write_bank(store, name, ranks, summary, prototypes))
+    ranks, gains = gathered_ranks(accelerator, loop.model, params)
+    if gains:
+        summary["earlier_bank_gains"] = mean_gains(gains, [bank.path.name for bank in store.banks()])
+    extras = {suffix: tensors for suffix, tensors in ((PROTOTYPE, prototypes), (GAINS, gains)) if tensors}
+    summary["bank"] = on_main(accelerator, lambda: _write_bank(store, name, ranks, summary, extras))
     return summary
 
 
@@ -217,11 +220,17 @@ def _resume_data(store: MemoryStore, accelerator: Accelerator, run: dict, settin
     return None if uses_deepspeed(accelerator) else ResumeData(directory, run, asdict(settings))
 
 
-def _write_bank(store: MemoryStore, name: str, ranks: BankTensors, summary: dict, prototypes: dict[str, torch.Tensor] | None) -> str:
+def _write_bank(store: MemoryStore, name: str, ranks: BankTensors, summary: dict, extras: Extras) -> str:
     """Append the bank, then drop the run's resume data: from here on the bank is the result."""
-    bank = store.add_bank(name, ranks, summary, prototypes)
+    bank = store.add_bank(name, ranks, summary, extras)
     remove_resume_data(resume_dir(store.path, name))
     return str(bank.path)
+
+
+def mean_gains(gains: dict[str, torch.Tensor], banks: list[str]) -> dict[str, float]:
+    """Each earlier bank's gain averaged over the modules: how much of it the task kept (1: all, 0: none)."""
+    means = torch.stack(list(gains.values())).mean(0)
+    return {bank: round(float(mean), 4) for bank, mean in zip(banks, means)}
 
 
 def rank_init_seed(seed: int, task_index: int) -> int:
@@ -238,6 +247,7 @@ SETTING_RULES = (
     ("epochs", lambda s: s.epochs > 0, "> 0"),
     ("lr", lambda s: s.lr > 0, "> 0"),
     ("later_lr", lambda s: s.later_lr is None or s.later_lr > 0, "> 0 (or none)"),
+    ("gain_lr", lambda s: s.gain_lr > 0, "> 0"),
     ("batch_size", lambda s: s.batch_size >= 1, ">= 1"),
     ("max_length", lambda s: s.max_length >= 2, ">= 2"),
     ("weight_decay", lambda s: s.weight_decay >= 0, ">= 0"),

@@ -54,7 +54,7 @@ class TrainingLoop:
             self._enable_gradient_checkpointing()
         if checkpoint is not None:
             restore_params(checkpoint, self.params)
-        optimizer = torch.optim.AdamW(self.params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=self.settings.lr, weight_decay=self.settings.weight_decay)
         # Not prepared: accelerate would step it once per process, and the schedule counts optimiser steps.
         scheduler = lr_schedule(optimizer, self.settings.lr_schedule, self.total)
         configure_deepspeed(self.accelerator, self.split, self.settings.max_grad_norm)
@@ -64,6 +64,15 @@ class TrainingLoop:
         with stop_requests() as stop:
             self._steps(state, optimizer, scheduler, stop, show, resume)
         return state
+
+    def _param_groups(self) -> list[dict]:
+        """The ranks at the task's rate; earlier-bank gains (gate scope weighted) at `gain_lr` and without decay, which
+        would pull them toward switching the earlier banks off."""
+        gains = {id(p) for p in self.model.gain_parameters()}
+        groups = [{"params": [p for p in self.params if id(p) not in gains]}]
+        if gains:
+            groups.append({"params": [p for p in self.params if id(p) in gains], "lr": self.settings.gain_lr, "weight_decay": 0.0})
+        return groups
 
     def _steps(self, state: TrainState, optimizer, scheduler, stop: StopRequest, show: bool, resume: ResumeData | None) -> None:
         start_tokens, started = state.tokens, time.time()

@@ -42,7 +42,7 @@ class MoramLayer(nn.Module, BaseTunerLayer):
     both together, so a new task can reuse old experts.
     """
 
-    adapter_layer_names = ("moram_A", "moram_B")
+    adapter_layer_names = ("moram_A", "moram_B", "moram_gain")
     other_param_names = ("moram_A_frozen", "moram_B_frozen")
     # Receives every gate `g` this layer computes; set only while gate statistics are collected
     # (see moram_cli.inspection.gates), so the ordinary forward pass pays one `is None` test.
@@ -63,6 +63,8 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         self.in_features, self.out_features = in_features, out_features
         self.moram_A = nn.ParameterDict()
         self.moram_B = nn.ParameterDict()
+        # Under gate scope "weighted": the trainable bank's gain per frozen bank (none for the first bank).
+        self.moram_gain = nn.ParameterDict()
         self.moram_A_frozen = BufferDict(persistent=True)
         self.moram_B_frozen = BufferDict(persistent=True)
         self.config = config
@@ -73,6 +75,9 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         # Each bank's rank indices (frozen banks, then the trainable one), a row per bank padded with -1: read by the gate
         # when config.gate_scope is "bank" or "task", and by routing. A buffer, so that it moves with the model.
         self.register_buffer("bank_table", None, persistent=False)
+        # Under gate scope "weighted", the frozen banks' gains: row b weighs every frozen bank when the answer is bank b's
+        # task (its gains over the banks before it, 1 for itself, 0 for later ones).
+        self.register_buffer("gain_table", torch.zeros(0, 0) if config.gate_scope == "weighted" else None, persistent=False)
 
     @property
     def frozen_ranks(self) -> int:
@@ -93,9 +98,9 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         is learned on the bare model plus its own bank, as task routing will answer it."""
         return self.config.gate_scope == "task" and self.training and self.active_adapters[0] in self.moram_A
 
-    def set_frozen(self, A: torch.Tensor, B: torch.Tensor, sizes: list[int] | None = None) -> None:
+    def set_frozen(self, A: torch.Tensor, B: torch.Tensor, sizes: list[int] | None = None, gains: torch.Tensor | None = None) -> None:
         """Install the stacked ranks of all earlier tasks (`A`: R×d_in, `B`: d_out×R), `sizes` ranks per bank (one bank
-        of R by default)."""
+        of R by default) and, under gate scope "weighted", their gain table (banks × banks; default: every gain 1)."""
         expected = ((A.shape[0], self.in_features), (self.out_features, A.shape[0]))
         if (tuple(A.shape), tuple(B.shape)) != expected:
             raise ValueError(f"bank shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit this layer, expected A{expected[0]} B{expected[1]}")
@@ -106,6 +111,12 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         self.frozen_sizes = list(sizes) if sizes is not None else [A.shape[0]]
         if sum(self.frozen_sizes) != A.shape[0]:
             raise ValueError(f"bank sizes {self.frozen_sizes} do not add up to the {A.shape[0]} ranks given")
+        if self.config.gate_scope == "weighted":
+            banks = len(self.frozen_sizes)
+            gains = torch.ones(banks, banks).tril() if gains is None else gains
+            if tuple(gains.shape) != (banks, banks):
+                raise ValueError(f"a gain table of shape {tuple(gains.shape)} does not fit {banks} banks")
+            self.gain_table = gains.detach().to(device=device, dtype=torch.float32)
         self._table_banks()
 
     def fold_frozen(self) -> None:
@@ -132,6 +143,9 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         name = self.active_adapters[0]
         self.moram_A[name] = nn.Parameter(A.to(device))
         self.moram_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        if self.config.gate_scope == "weighted" and self.frozen_sizes:
+            # Every earlier bank starts at its full weight, where gate scope "bank" leaves it.
+            self.moram_gain[name] = nn.Parameter(torch.ones(len(self.frozen_sizes), device=device))
         self._table_banks()
 
     def _table_banks(self) -> None:
@@ -187,7 +201,29 @@ class MoramLayer(nn.Module, BaseTunerLayer):
         # The router's measuring pass is not an answer; only the gates that shape the output are observed.
         if self.gate_observer is not None and not (router is not None and router.measuring):
             self.gate_observer(spread(z, indices, g))
+        if self.config.gate_scope == "weighted":
+            g = self._weigh_banks(g, router)
         return indices, g
+
+    def _weigh_banks(self, g: torch.Tensor, router: SourceRouter | None) -> torch.Tensor:
+        """Each bank's kept gate weights (`g`, bank after bank) times the answering task's gain for that bank: per
+        sequence the routed task's row of gains, in training and unrouted passes the newest bank's."""
+        table = self._gain_rows()
+        if router is not None and not router.measuring:
+            weights = table.index_select(0, router.chosen.to(table.device))
+            weights = weights.view(weights.shape[0], *[1] * (g.dim() - 2), weights.shape[1])
+        else:
+            weights = table[-1]
+        return (g.unflatten(-1, (table.shape[0], -1)) * weights.unsqueeze(-1).to(g.dtype)).flatten(-2)
+
+    def _gain_rows(self) -> torch.Tensor:
+        """The gain table of every bank, the trainable one's row (its gains, 1 for itself) below the frozen banks'."""
+        name = self.active_adapters[0]
+        if name not in self.moram_A:
+            return self.gain_table
+        gains = self.moram_gain[name] if name in self.moram_gain else self.gain_table.new_zeros(0)
+        row = torch.cat([gains, gains.new_ones(1)])
+        return torch.cat([F.pad(self.gain_table, (0, 1)), row[None]])
 
     def __repr__(self) -> str:
         return f"moram.{super().__repr__()}"

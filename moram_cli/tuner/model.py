@@ -35,15 +35,17 @@ class MoramModel(BaseTuner):
         """Adapted layers by their module name in the base model, in model order."""
         return {name: m for name, m in self.model.named_modules() if isinstance(m, MoramLayer)}
 
-    def set_memory(self, stacked: BankTensors, counts: list[dict[str, int]] | None = None) -> None:
+    def set_memory(self, stacked: BankTensors, counts: list[dict[str, int]] | None = None,
+                   gains: dict[str, torch.Tensor] | None = None) -> None:
         """Install the frozen ranks of all earlier tasks: module name -> (A, B) stacks, with each bank's number of ranks
-        per module (`counts`, oldest first; one bank when not given)."""
+        per module (`counts`, oldest first; one bank when not given) and, under gate scope "weighted", each module's gain
+        table (see `MoramLayer.set_frozen`)."""
         layers = self.moram_layers()
         missing = sorted(set(layers) ^ set(stacked))
         if missing:
             raise ValueError(f"memory and model disagree on adapted modules, e.g. {missing[0]}")
         for name, (A, B) in stacked.items():
-            layers[name].set_frozen(A, B, [bank[name] for bank in counts] if counts else None)
+            layers[name].set_frozen(A, B, [bank[name] for bank in counts] if counts else None, (gains or {}).get(name))
 
     def fold_frozen(self) -> None:
         """Fold every layer's frozen ranks into its base weight (ungated layers only: see `MoramLayer.fold_frozen`)."""
@@ -100,7 +102,21 @@ class MoramModel(BaseTuner):
             layer.add_ranks(r, generator, (keys or {}).get(module))
             name = layer.active_adapters[0]
             params += [layer.moram_A[name], layer.moram_B[name]]
-        return params
+        return params + self.gain_parameters()
+
+    def gain_parameters(self) -> list[nn.Parameter]:
+        """The trainable bank's gains over the earlier banks (gate scope "weighted"), which train at their own rate."""
+        return [gain for layer in self.moram_layers().values() for gain in layer.moram_gain.values()]
+
+    def task_gains(self) -> dict[str, torch.Tensor]:
+        """The current task's trained gains over the earlier banks: module name -> gains, detached on CPU (empty unless
+        the gate scope is "weighted" and earlier banks exist)."""
+        out = {}
+        for module, layer in self.moram_layers().items():
+            name = layer.active_adapters[0]
+            if name in layer.moram_gain:
+                out[module] = layer.moram_gain[name].detach().cpu()
+        return out
 
     def frozen_keys(self) -> dict[str, torch.Tensor | None]:
         """Module name -> the keys of every earlier task, stacked (None before the first bank)."""

@@ -50,6 +50,13 @@ class SeqLoraModel(LoraModel):
             p.requires_grad_(True)
         return params
 
+    def gain_parameters(self) -> list[nn.Parameter]:
+        """None: a LoRA adapter has no banks to weigh (see `MoramModel.gain_parameters`)."""
+        return []
+
+    def task_gains(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def task_ranks(self) -> BankTensors:
         """The whole adapter: module name -> (A, B), detached on CPU."""
         return {
