@@ -58,10 +58,10 @@ def gathered(tmp_path, monkeypatch):
 
     def record(accelerator, model, params):
         held = {"distributed_type": str(accelerator.distributed_type), "elements_held": [p.data.numel() for p in params]}
-        ranks = real(accelerator, model, params)
+        ranks, gains = real(accelerator, model, params)
         save_file(flatten(ranks), str(folder / f"rank{accelerator.process_index}.safetensors"))
         (folder / f"rank{accelerator.process_index}.json").write_text(json.dumps(held))
-        return ranks
+        return ranks, gains
 
     monkeypatch.setattr(learn_module, "gathered_ranks", record)
     return folder
